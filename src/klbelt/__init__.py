@@ -1,0 +1,38 @@
+"""klbelt: the KL safety belt for RLHF.
+
+Layer 1 (``klbelt.kl``): log-probs, KL estimators, exact KL, masked aggregation.
+Layer 2 (``klbelt.shaping``): rewards shaped as ``r - beta * KL``.
+"""
+
+from importlib.metadata import PackageNotFoundError, version
+
+from .kl import (
+    DIRECTIONS,
+    ESTIMATORS,
+    MODES,
+    aggregate,
+    kl_from_logits,
+    kl_per_token,
+    logprobs_from_logits,
+)
+from .shaping import ShapedRewards, compute_kl_penalty, compute_rewards_with_kl, shape_rewards
+
+try:
+    __version__ = version("klbelt")
+except PackageNotFoundError:  # running from a source tree without installation
+    __version__ = "0.0.0+unknown"
+
+__all__ = [
+    "logprobs_from_logits",
+    "kl_per_token",
+    "kl_from_logits",
+    "aggregate",
+    "compute_kl_penalty",
+    "compute_rewards_with_kl",
+    "shape_rewards",
+    "ShapedRewards",
+    "ESTIMATORS",
+    "MODES",
+    "DIRECTIONS",
+    "__version__",
+]

@@ -1,0 +1,1 @@
+"""Benchmarks run by ``klbelt bench NAME`` (one module per benchmark)."""

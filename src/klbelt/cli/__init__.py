@@ -1,0 +1,1 @@
+"""Layer 7: the command line. Each subcommand lives in its own module."""

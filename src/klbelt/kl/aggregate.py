@@ -1,0 +1,81 @@
+"""Masked reductions of per-token values, optionally global over torch.distributed ranks."""
+
+from __future__ import annotations
+
+import torch
+
+from . import _checks
+
+MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum")
+
+
+def _all_reduce_sum(stats: torch.Tensor, group) -> torch.Tensor:
+    """Sum ``stats`` over the ranks of ``group``; gradients flow to the local part."""
+    import torch.distributed as dist
+
+    total = stats.detach().clone()
+    dist.all_reduce(total, op=dist.ReduceOp.SUM, group=group)
+    # value: the global sum; gradient: d(global)/d(local) = 1
+    return stats + (total - stats.detach())
+
+
+def aggregate(
+    values: torch.Tensor,
+    mask: torch.Tensor,
+    mode: str = "token-mean",
+    group=None,
+) -> torch.Tensor:
+    r"""Reduce per-token ``values`` over the valid tokens of ``mask`` to a scalar.
+
+    With :math:`m_{bt} \in \{0, 1\}`, :math:`n_b = \sum_t m_{bt}` and only rows
+    with :math:`n_b > 0` counted as sequences (:math:`S` of them):
+
+    * ``"token-mean"``: :math:`\sum_{b,t} m_{bt} v_{bt} / \sum_b n_b`
+      (per-token mean; for KL values: nats per token);
+    * ``"seq-mean-token-mean"``: :math:`\frac1S \sum_b \frac{1}{n_b}\sum_t m_{bt} v_{bt}`
+      (each sequence weighs the same; nats per token);
+    * ``"seq-mean-token-sum"``: :math:`\frac1S \sum_b \sum_t m_{bt} v_{bt}`
+      (per-sequence sum; for KL values: nats per sequence).
+
+    An all-masked row is legal and contributes nothing (it is not a sequence);
+    an entirely masked batch gives 0.
+
+    With ``group`` (a torch.distributed process group, or
+    ``torch.distributed.group.WORLD``), the numerator and denominator are
+    summed over the ranks in one all-reduce, so the result is the global one on
+    the concatenated batch (not a mean of per-rank means) and is identical on
+    every rank. Gradients flow to the local values (with the global
+    denominator); the all-reduce itself is not differentiated.
+
+    Args:
+        values: ``[B, T]`` (or ``[..., T]``) floating tensor.
+        mask: same shape, bool or 0/1.
+        mode: one of the modes above.
+        group: optional process group for a global reduction.
+
+    Returns:
+        0-d tensor of ``values``' dtype.
+    """
+    _checks.tensor("values", values, floating=True)
+    _checks.min_dim("values", values, 1, "[..., T]")
+    m = _checks.mask_like("mask", mask, "values", values)
+    _checks.choice("mode", mode, MODES)
+    if group is not None:
+        import torch.distributed as dist
+
+        if not (dist.is_available() and dist.is_initialized()):
+            raise ValueError("group was given but torch.distributed is not initialized (call init_process_group first)")
+    masked = torch.where(m > 0, values, torch.zeros((), dtype=values.dtype, device=values.device))
+    _checks.finite("values (at valid mask positions)", masked.detach())
+    if mode == "token-mean":
+        stats = torch.stack([masked.sum(), m.sum()])
+    else:
+        row_sum = masked.sum(-1)
+        row_n = m.sum(-1)
+        is_seq = row_n > 0
+        per_row = row_sum / row_n.clamp_min(1) if mode == "seq-mean-token-mean" else row_sum
+        stats = torch.stack([torch.where(is_seq, per_row, 0.0).sum(), is_seq.to(values.dtype).sum()])
+    if group is not None:
+        stats = _all_reduce_sum(stats, group)
+    numerator, count = stats[0], stats[1].detach()
+    return numerator / count.clamp_min(1)
