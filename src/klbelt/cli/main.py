@@ -13,7 +13,15 @@ import sys
 
 # subcommand name -> module under klbelt.cli
 SUBCOMMANDS = {
+    "demo": "demo",
+    "sweep": "sweep",
+    "train": "train",
+    "pretrain": "pretrain",
     "bench": "bench",
+    "report": "report",
+    "doctor": "doctor",
+    "sim": "sim",
+    "plot": "plot",
 }
 # Each module registers itself with one line above; keep the help output cheap.
 
@@ -43,7 +51,15 @@ def main(argv=None) -> int:
     if args.command is None:
         parser.print_help()
         return 0
-    return int(args.func(args) or 0)
+    try:
+        return int(args.func(args) or 0)
+    except (ValueError, TypeError, FileNotFoundError, ImportError) as exc:
+        # bad input: one line naming what is wrong, no traceback (DESIGN.md)
+        print(f"klbelt {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"klbelt {args.command}: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":  # pragma: no cover

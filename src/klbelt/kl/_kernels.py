@@ -1,12 +1,22 @@
 """Row-wise kernels over ``[N, V]`` logits, and when to compile them.
 
-Every kernel reads a block of logit rows once, upcasts it to fp32 inside the
-computation and returns per-row results (or, in backward, the gradient block).
-Under ``torch.compile`` each kernel becomes one fused loop over the vocabulary
-with no ``[N, V]`` intermediate; in eager mode the callers feed row chunks so
-the fp32 temporaries stay small. On a CPU the cost is the ``exp`` throughput,
-which is why the exact KL is written with two exponentials per element, not
-three.
+Every kernel reads a block of logit rows, upcasts it to fp32 inside the
+computation (fp64 stays fp64) and returns per-row results (or, in backward,
+the gradient block). Under ``torch.compile`` each kernel becomes one fused loop
+over the vocabulary with no ``[N, V]`` intermediate; in eager mode the callers
+feed row chunks so the fp32 temporaries stay small.
+
+On a CPU the cost is the ``exp`` throughput plus the passes over memory, so
+the forward kernels used there (``*_fwd_one_pass``) read the logits once: a
+softmax needs *some* shift ``c`` with ``exp(x - c)`` in range, not the row
+maximum. The shift is the largest of the chosen token's logit and a strided
+sample of the row (it is an element of the row, so the sum is >= 1 and never
+underflows); a row whose sum overflows anyway (its maximum is ~80 nats above
+the shift) comes out non-finite and is recomputed with the exact two-pass
+kernel (``*_fwd``: maximum first, then the sum). On other devices, where that
+check would synchronise the host, the two-pass kernels are used directly. The
+exact KL takes two exponentials per element (one per distribution), the
+minimum.
 
 Backends (``set_backend`` or the ``KLBELT_KERNELS`` environment variable):
 ``"auto"`` (default) compiles for inputs of at least ``COMPILE_MIN_NUMEL``
@@ -57,21 +67,55 @@ def acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+PIVOT_SAMPLES = 64  # row entries sampled (strided) for the one-pass shift
+
+
+def _shift(x: torch.Tensor, inv_temp: float) -> torch.Tensor:
+    """``[n, 1]`` shift for the one-pass kernels: the largest of a strided sample of each scaled row.
+
+    It is an element of the row, scaled exactly as the kernels scale every
+    element, so ``exp(x*s - shift)`` is 1 there and the row sum is >= 1. (It is
+    a reduction on purpose: the compiled kernel then loads it once per row
+    instead of recomputing it inside the loop over the vocabulary.)
+    """
+    step = max(1, x.shape[-1] // PIVOT_SAMPLES)
+    return (x[:, ::step].to(acc_dtype(x.dtype)) * inv_temp).amax(dim=-1, keepdim=True)
+
+
 def logprob_fwd(x: torch.Tensor, t: torch.Tensor, inv_temp: float):
-    """log softmax(x * inv_temp)[t] and the row log-sum-exp."""
+    """log softmax(x * inv_temp)[t] and the row log-sum-exp (two passes: max, then sum)."""
     xs = x.to(acc_dtype(x.dtype)) * inv_temp
     lse = torch.logsumexp(xs, dim=-1)
     picked = xs.gather(-1, t.unsqueeze(-1)).squeeze(-1)
     return picked - lse, lse
 
 
+def logprob_fwd_one_pass(x: torch.Tensor, t: torch.Tensor, inv_temp: float):
+    """As :func:`logprob_fwd` in one pass: lse = c + log sum exp(x*s - c), c from :func:`_shift`.
+
+    Non-finite for a row whose sum overflows; the caller recomputes those rows.
+    """
+    acc = acc_dtype(x.dtype)
+    c = _shift(x, inv_temp)
+    lse = (c + torch.log(torch.exp(x.to(acc) * inv_temp - c).sum(dim=-1, keepdim=True))).squeeze(-1)
+    picked = x.gather(-1, t.unsqueeze(-1)).squeeze(-1).to(acc) * inv_temp
+    return picked - lse, lse
+
+
 def logprob_bwd(x: torch.Tensor, t: torch.Tensor, lse: torch.Tensor, g: torch.Tensor, inv_temp: float):
-    """d/dx of sum_i g_i log softmax(x_i * inv_temp)[t_i] = g * inv_temp * (onehot(t) - p)."""
-    xs = x.to(acc_dtype(x.dtype)) * inv_temp
+    """d/dx of sum_i g_i log softmax(x_i * inv_temp)[t_i] = g * inv_temp * (onehot(t) - p).
+
+    Written as ``-g*s*p`` everywhere, then the chosen entries are overwritten
+    with ``g*s*(1 - p_t) = -g*s*expm1(log p_t)`` (accurate also where p_t ~ 1,
+    one rounding): cheaper than a one-hot compare per element.
+    """
+    acc = acc_dtype(x.dtype)
     gs = (g * inv_temp).unsqueeze(-1)
-    p = torch.exp(xs - lse.unsqueeze(-1))
-    onehot = torch.arange(x.shape[-1], device=x.device).unsqueeze(0) == t.unsqueeze(-1)
-    return (gs * (onehot.to(p.dtype) - p)).to(x.dtype)
+    lse = lse.unsqueeze(-1)
+    grad = (-gs * torch.exp(x.to(acc) * inv_temp - lse)).to(x.dtype)
+    idx = t.unsqueeze(-1)
+    picked = -gs * torch.expm1(x.gather(-1, idx).to(acc) * inv_temp - lse)
+    return grad.scatter_(-1, idx, picked.to(x.dtype))
 
 
 def kl_fwd(a: torch.Tensor, b: torch.Tensor, inv_temp: float):
@@ -89,6 +133,24 @@ def kl_fwd(a: torch.Tensor, b: torch.Tensor, inv_temp: float):
     lse_a = m_a.squeeze(-1) + torch.log(s)
     lse_b = torch.logsumexp(bs, dim=-1)
     return w / s - lse_a + lse_b, lse_a, lse_b
+
+
+def kl_fwd_one_pass(a: torch.Tensor, b: torch.Tensor, inv_temp: float):
+    """As :func:`kl_fwd` in one pass over ``a`` and ``b``, with shifts from :func:`_shift`.
+
+    Non-finite for a row whose sums overflow; the caller recomputes those rows.
+    """
+    acc = acc_dtype(a.dtype)
+    c_a, c_b = _shift(a, inv_temp), _shift(b, inv_temp)
+    as_ = a.to(acc) * inv_temp
+    bs = b.to(acc) * inv_temp
+    e = torch.exp(as_ - c_a)
+    s_a = e.sum(dim=-1)
+    w = torch.where(e > 0, e * (as_ - bs), 0.0).sum(dim=-1)
+    s_b = torch.exp(bs - c_b).sum(dim=-1)
+    lse_a = c_a.squeeze(-1) + torch.log(s_a)
+    lse_b = c_b.squeeze(-1) + torch.log(s_b)
+    return w / s_a - lse_a + lse_b, lse_a, lse_b
 
 
 def kl_bwd(a, b, lse_a, lse_b, kl, g, inv_temp: float, need_a: bool, need_b: bool):
@@ -110,7 +172,14 @@ def kl_bwd(a, b, lse_a, lse_b, kl, g, inv_temp: float, need_a: bool, need_b: boo
     return ga, gb
 
 
-_KERNELS = {"logprob_fwd": logprob_fwd, "logprob_bwd": logprob_bwd, "kl_fwd": kl_fwd, "kl_bwd": kl_bwd}
+_KERNELS = {
+    "logprob_fwd": logprob_fwd,
+    "logprob_fwd_one_pass": logprob_fwd_one_pass,
+    "logprob_bwd": logprob_bwd,
+    "kl_fwd": kl_fwd,
+    "kl_fwd_one_pass": kl_fwd_one_pass,
+    "kl_bwd": kl_bwd,
+}
 
 
 # --------------------------------------------------------------------------- dispatch
@@ -155,6 +224,50 @@ def run(name: str, numel: int, *args):
                 compile_seconds[name] = time.perf_counter() - start
             return out
     return _KERNELS[name](*args)
+
+
+_N_OUTPUTS = {"logprob": 2, "kl": 3}
+
+
+def forward(kind: str, rows: tuple[torch.Tensor, ...], inv_temp: float, chunk_size: int | None) -> list[torch.Tensor]:
+    """Per-row outputs of the ``kind`` (``"logprob"`` or ``"kl"``) forward over row-aligned 2-D ``rows``.
+
+    On a CPU the one-pass kernel runs over all blocks, then the rows it could
+    not finish (a non-finite output) are recomputed by the exact two-pass
+    kernel, eagerly and a few rows at a time; a result that is non-finite there
+    too (an infinite KL, a NaN logit) is the true result.
+    """
+    x = rows[0]
+    n, v = x.shape
+    if n == 0:
+        return [torch.empty(0, dtype=acc_dtype(x.dtype), device=x.device) for _ in range(_N_OUTPUTS[kind])]
+    one_pass = x.device.type == "cpu"
+    name = f"{kind}_fwd_one_pass" if one_pass else f"{kind}_fwd"
+    outs: list[torch.Tensor] = []
+    for s, e in blocks(n, v, chunk_size):
+        res = run(name, n * v, *(r[s:e] for r in rows), inv_temp)
+        if s == 0 and e == n:  # one block: keep the kernel's outputs, no copy
+            outs = list(res)
+            break
+        if not outs:
+            outs = [torch.empty(n, dtype=r.dtype, device=x.device) for r in res]
+        for out, r in zip(outs, res):
+            out[s:e] = r
+    if one_pass:
+        _redo_rows(kind, rows, inv_temp, outs)
+    return outs
+
+
+def _redo_rows(kind: str, rows, inv_temp: float, outs: list[torch.Tensor]) -> None:
+    bad = ~torch.isfinite(outs[0])
+    for out in outs[1:]:
+        bad |= ~torch.isfinite(out)
+    idx = bad.nonzero().squeeze(-1)  # host sync: CPU only
+    step = rows_per_chunk(idx.numel(), rows[0].shape[-1], None, compiled=False)
+    for s in range(0, idx.numel(), step):
+        i = idx[s : s + step]
+        for out, r in zip(outs, _KERNELS[f"{kind}_fwd"](*(r[i] for r in rows), inv_temp)):
+            out[i] = r
 
 
 def rows_per_chunk(n_rows: int, vocab: int, chunk_size: int | None, compiled: bool) -> int:

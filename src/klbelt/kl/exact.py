@@ -18,13 +18,7 @@ class _ExactKL(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, a, b, inv_temp, chunk_size):
-        n, v = a.shape
-        acc = _kernels.acc_dtype(a.dtype)
-        kl = torch.empty(n, dtype=acc, device=a.device)
-        lse_a = torch.empty(n, dtype=acc, device=a.device)
-        lse_b = torch.empty(n, dtype=acc, device=a.device)
-        for s, e in _kernels.blocks(n, v, chunk_size):
-            kl[s:e], lse_a[s:e], lse_b[s:e] = _kernels.run("kl_fwd", n * v, a[s:e], b[s:e], inv_temp)
+        kl, lse_a, lse_b = _kernels.forward("kl", (a, b), inv_temp, chunk_size)
         ctx.save_for_backward(a, b, lse_a, lse_b, kl)
         ctx.inv_temp, ctx.chunk_size = inv_temp, chunk_size
         return kl

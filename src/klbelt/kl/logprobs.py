@@ -16,12 +16,7 @@ class _LogProbs(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, t, inv_temp, chunk_size):
-        n, v = x.shape
-        acc = _kernels.acc_dtype(x.dtype)
-        out = torch.empty(n, dtype=acc, device=x.device)
-        lse = torch.empty(n, dtype=acc, device=x.device)
-        for s, e in _kernels.blocks(n, v, chunk_size):
-            out[s:e], lse[s:e] = _kernels.run("logprob_fwd", n * v, x[s:e], t[s:e], inv_temp)
+        out, lse = _kernels.forward("logprob", (x, t), inv_temp, chunk_size)
         ctx.save_for_backward(x, t, lse)
         ctx.inv_temp, ctx.chunk_size = inv_temp, chunk_size
         return out

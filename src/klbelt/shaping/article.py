@@ -24,7 +24,10 @@ def compute_kl_penalty(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, kl_co
         reference to these tokens on average.
     """
     kl_coef = _checks.scalar("kl_coef", kl_coef, nonnegative=True)
-    return kl_coef * kl_per_token(logprobs, ref_logprobs, "k1").mean()
+    kl = kl_per_token(logprobs, ref_logprobs, "k1")
+    if kl.numel() == 0:  # the mean of nothing is NaN: refuse rather than pass it on
+        raise ValueError(f"logprobs must hold at least one log-probability, got shape {tuple(logprobs.shape)}")
+    return kl_coef * kl.mean()
 
 
 def compute_rewards_with_kl(

@@ -35,6 +35,8 @@ class ShapedRewards:
 
 def last_valid_index(mask: torch.Tensor) -> torch.Tensor:
     """Index of the last nonzero entry of each row of a ``[B, T]`` 0/1 mask; -1 if none."""
+    if mask.shape[-1] == 0:  # zero-length responses: every row is empty
+        return torch.full(mask.shape[:-1], -1, dtype=torch.int64, device=mask.device)
     positions = torch.arange(1, mask.shape[-1] + 1, device=mask.device)
     return (mask.to(torch.int64) * positions).amax(dim=-1) - 1
 
@@ -94,7 +96,8 @@ def shape_rewards(
     has_tokens = last >= 0
     rows = torch.arange(kl.shape[0], device=kl.device)
     placed = torch.where(has_tokens, scores.detach().to(kl.dtype), torch.zeros((), dtype=kl.dtype, device=kl.device))
-    rewards[rows, last.clamp_min(0)] += placed
+    if kl.shape[-1]:
+        rewards[rows, last.clamp_min(0)] += placed
     n_tokens = m.sum()
     row_sum = kl.sum(-1)
     n_seqs = has_tokens.sum()

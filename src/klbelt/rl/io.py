@@ -1,0 +1,103 @@
+"""Crash-safe files: atomic replace for checkpoints, fsynced appends for metrics."""
+
+from __future__ import annotations
+
+import json
+import os
+import warnings
+from pathlib import Path
+
+import torch
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_torch_save(obj, path: str | Path) -> None:
+    """``torch.save`` to a temporary file beside ``path``, fsync, then rename over it."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    _fsync_dir(path.parent)
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    _fsync_dir(path.parent)
+
+
+def read_jsonl(path: str | Path) -> list[dict]:
+    """Records of a JSONL file; a last line cut by a crash is dropped with a warning."""
+    path = Path(path)
+    records = []
+    lines = path.read_text().splitlines()
+    for i, line in enumerate(lines):
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            if i == len(lines) - 1:
+                warnings.warn(f"{path}: last line is incomplete (cut by a crash?); read up to it", RuntimeWarning)
+                break
+            raise ValueError(f"{path}: line {i + 1} is not valid JSON") from None
+    return records
+
+
+class JsonlLog:
+    """Append-only JSONL with one fsynced line per record."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+
+    def append(self, record: dict) -> None:
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+
+    def keep_steps_before(self, step: int) -> None:
+        """Drop records with ``step >= step`` (written after the checkpoint being resumed)."""
+        if not self.path.exists():
+            return
+        kept = [r for r in read_jsonl(self.path) if r.get("step", -1) < step]
+        atomic_write_text(self.path, "".join(json.dumps(r) + "\n" for r in kept))
+
+
+def check_writable(directory: str | Path, need_bytes: int = 64 << 20) -> None:
+    """Fail before training when ``directory`` cannot be created, written, or is nearly full."""
+    directory = Path(directory)
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        probe = directory / f".write-test-{os.getpid()}"
+        probe.write_bytes(b"ok")
+        probe.unlink()
+    except OSError as exc:
+        raise ValueError(f"output directory {directory}: not writable ({exc.strerror or exc})") from None
+    free = os.statvfs(directory).f_bavail * os.statvfs(directory).f_frsize
+    if free < need_bytes:
+        raise ValueError(f"output directory {directory}: only {free >> 20} MiB free, need at least {need_bytes >> 20} MiB")

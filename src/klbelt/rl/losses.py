@@ -1,0 +1,55 @@
+"""PPO's clipped losses (Schulman et al. 2017), masked and aggregated with klbelt's modes."""
+
+from __future__ import annotations
+
+import torch
+
+from ..kl import _checks
+from ..kl.aggregate import aggregate
+
+
+def ppo_policy_loss(
+    logprobs: torch.Tensor,
+    old_logprobs: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    clip_range: float = 0.2,
+    mode: str = "token-mean",
+) -> tuple[torch.Tensor, dict]:
+    r"""Clipped surrogate: :math:`-\min(\rho A, \mathrm{clip}(\rho, 1-\epsilon, 1+\epsilon) A)`, :math:`\rho = e^{\log\pi - \log\pi_{old}}`.
+
+    Returns ``(loss, stats)`` where stats holds the clip fraction and the
+    approximate KL(old || new) (k3 of the ratio), both detached 0-d tensors.
+    """
+    _checks.same_shape("logprobs", logprobs, "old_logprobs", old_logprobs)
+    _checks.same_shape("logprobs", logprobs, "advantages", advantages)
+    clip_range = _checks.scalar("clip_range", clip_range, positive=True)
+    log_ratio = logprobs - old_logprobs.detach()
+    ratio = torch.exp(log_ratio)
+    adv = advantages.detach()
+    unclipped = ratio * adv
+    clipped = ratio.clamp(1.0 - clip_range, 1.0 + clip_range) * adv
+    loss = aggregate(-torch.minimum(unclipped, clipped), mask, mode)
+    with torch.no_grad():
+        stats = {
+            "clip_frac": aggregate((clipped < unclipped).to(ratio.dtype), mask, "token-mean"),
+            "approx_kl": aggregate(torch.expm1(-log_ratio) + log_ratio, mask, "token-mean"),
+        }
+    return loss, stats
+
+
+def ppo_value_loss(
+    values: torch.Tensor,
+    old_values: torch.Tensor,
+    returns: torch.Tensor,
+    mask: torch.Tensor,
+    clip_range: float = 0.2,
+    mode: str = "token-mean",
+) -> torch.Tensor:
+    r"""Clipped value loss: :math:`\tfrac12 \max((V - R)^2, (V_{old} + \mathrm{clip}(V - V_{old}, \pm\epsilon) - R)^2)`."""
+    _checks.same_shape("values", values, "old_values", old_values)
+    _checks.same_shape("values", values, "returns", returns)
+    clip_range = _checks.scalar("clip_range", clip_range, positive=True)
+    old, target = old_values.detach(), returns.detach()
+    clipped = old + (values - old).clamp(-clip_range, clip_range)
+    return 0.5 * aggregate(torch.maximum((values - target).square(), (clipped - target).square()), mask, mode)

@@ -1,0 +1,178 @@
+"""Sampling rollouts from any Hugging Face causal LM, and scoring them.
+
+Shapes: B sequences, P prompt positions (prompts left-padded to a common
+length), R response positions. Response tensors are ``[B, R]`` with a mask
+that is 1 on generated tokens up to and including the first EOS.
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+
+import torch
+
+from ..kl import logprobs_from_logits
+
+
+@dataclass
+class Rollout:
+    """One batch of sampled continuations.
+
+    Attributes:
+        sequences: ``[B, P + R]`` prompt then response token ids.
+        attention_mask: ``[B, P + R]`` 0 on left padding of the prompt, 1 elsewhere.
+        prompt_len: P.
+        response_mask: ``[B, R]`` float, 1 on generated tokens up to and including EOS.
+        logprobs: ``[B, R]`` fp32 log-probs of the sampled tokens under the policy's
+            full distribution at the sampling temperature (before any top-k/top-p
+            or token blocking), computed from the sampling forward passes.
+    """
+
+    sequences: torch.Tensor
+    attention_mask: torch.Tensor
+    prompt_len: int
+    response_mask: torch.Tensor
+    logprobs: torch.Tensor
+
+    @property
+    def responses(self) -> torch.Tensor:
+        return self.sequences[:, self.prompt_len :]
+
+    def select(self, index: torch.Tensor) -> "Rollout":
+        return Rollout(
+            self.sequences[index], self.attention_mask[index], self.prompt_len, self.response_mask[index], self.logprobs[index]
+        )
+
+
+def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Positions that skip left padding: 0 at each row's first real token."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp_min(0)
+
+
+def _cache_kwarg(model) -> str:
+    """Transformers renamed ``past_key_values`` to ``cache``; accept both."""
+    params = inspect.signature(model.forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
+
+
+def _returned_cache(out):
+    return out["cache"] if "cache" in out else out.past_key_values
+
+
+def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
+    """Top-k then nucleus filtering (masked entries set to -inf). Off by default."""
+    if top_k and top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+        probs = torch.softmax(sorted_logits, dim=-1)
+        drop = probs.cumsum(-1) - probs > top_p  # keep the smallest prefix reaching top_p
+        logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
+    return logits
+
+
+@torch.no_grad()
+def sample(
+    policy,
+    prompt_ids: torch.Tensor,
+    prompt_mask: torch.Tensor,
+    *,
+    max_new_tokens: int,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    eos_token_id: int | None = None,
+    stop_on_eos: bool = True,
+    blocked_token_ids: tuple[int, ...] = (),
+    pad_token_id: int = 0,
+    generator: torch.Generator | None = None,
+) -> Rollout:
+    """Sample up to ``max_new_tokens`` tokens per prompt with a KV cache.
+
+    A lean loop over the model's forward (no ``generate()``): one full prompt
+    pass, then one token per step. ``blocked_token_ids`` are never sampled
+    (e.g. EOS, to force full-length continuations). Rows that emitted EOS keep
+    receiving ``pad_token_id`` (masked out) until every row is done.
+    """
+    B, P = prompt_ids.shape
+    device = prompt_ids.device
+    cache_kw = _cache_kwarg(policy)
+    attention = prompt_mask.long()
+    out = policy(input_ids=prompt_ids, attention_mask=attention, position_ids=position_ids(attention), use_cache=True)
+    logits = out.logits[:, -1].float()
+    cache = _returned_cache(out)
+    next_pos = position_ids(attention)[:, -1:] + 1
+    tokens, logps = [], []
+    alive = torch.ones(B, dtype=torch.bool, device=device)
+    response_mask = []
+    for step in range(max_new_tokens):
+        scaled = logits / temperature
+        logp_all = torch.log_softmax(scaled, dim=-1)
+        sampling = filter_logits(scaled, top_k, top_p)
+        if blocked_token_ids:
+            sampling[:, list(blocked_token_ids)] = float("-inf")
+        token = torch.multinomial(torch.softmax(sampling, dim=-1), 1, generator=generator).squeeze(-1)
+        token = torch.where(alive, token, torch.full_like(token, pad_token_id))
+        response_mask.append(alive.clone())
+        tokens.append(token)
+        logps.append(logp_all.gather(-1, token[:, None]).squeeze(-1))
+        if stop_on_eos and eos_token_id is not None:
+            alive = alive & (token != eos_token_id)
+            if not bool(alive.any()):
+                break
+        if step + 1 == max_new_tokens:
+            break
+        attention = torch.cat([attention, torch.ones(B, 1, dtype=attention.dtype, device=device)], dim=1)
+        out = policy(input_ids=token[:, None], attention_mask=attention, position_ids=next_pos, use_cache=True, **{cache_kw: cache})
+        cache = _returned_cache(out)
+        logits = out.logits[:, -1].float()
+        next_pos = next_pos + 1
+    responses = torch.stack(tokens, dim=1)
+    mask = torch.stack(response_mask, dim=1).float()
+    logprobs = torch.stack(logps, dim=1) * mask
+    sequences = torch.cat([prompt_ids, responses], dim=1)
+    full_mask = torch.cat([prompt_mask.long(), torch.ones_like(responses)], dim=1)
+    return Rollout(sequences, full_mask, P, mask, logprobs)
+
+
+def _supports_logits_to_keep(model) -> bool:
+    return "logits_to_keep" in inspect.signature(model.forward).parameters
+
+
+def response_logits(model, rollout: Rollout) -> torch.Tensor:
+    """Logits ``[B, R, V]`` that predict each response token (the lm head runs on R positions only)."""
+    R = rollout.sequences.shape[1] - rollout.prompt_len
+    kwargs = {"logits_to_keep": R + 1} if _supports_logits_to_keep(model) else {}
+    out = model(
+        input_ids=rollout.sequences,
+        attention_mask=rollout.attention_mask,
+        position_ids=position_ids(rollout.attention_mask),
+        **kwargs,
+    )
+    return out.logits[:, -(R + 1) : -1]
+
+
+def response_logprobs(model, rollout: Rollout, temperature: float = 1.0, with_entropy: bool = False):
+    """Log-probs ``[B, R]`` (fp32) of the response tokens under ``model`` at ``temperature``.
+
+    With ``with_entropy``, also the per-token entropy ``[B, R]`` (nats) of the
+    tempered distribution, detached (for monitoring).
+    """
+    logits = response_logits(model, rollout)
+    logprobs = logprobs_from_logits(logits, rollout.responses, temperature=temperature) * rollout.response_mask
+    if not with_entropy:
+        return logprobs
+    return logprobs, entropy_from_logits(logits.detach(), temperature) * rollout.response_mask
+
+
+@torch.no_grad()
+def entropy_from_logits(logits: torch.Tensor, temperature: float = 1.0, chunk_rows: int = 256) -> torch.Tensor:
+    """H(softmax(z / T)) = -sum_v p_v log p_v per position, computed in row blocks (nats)."""
+    flat = logits.reshape(-1, logits.shape[-1])
+    out = torch.empty(flat.shape[0], dtype=torch.float32, device=logits.device)
+    for s in range(0, flat.shape[0], chunk_rows):
+        logp = torch.log_softmax(flat[s : s + chunk_rows].float() / temperature, dim=-1)
+        out[s : s + chunk_rows] = -(logp.exp() * logp).sum(-1)
+    return out.reshape(logits.shape[:-1])

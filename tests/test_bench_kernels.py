@@ -1,0 +1,66 @@
+"""``klbelt bench kernels`` runs end to end at a tiny size and prints the promised JSON rows."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import math
+
+import pytest
+
+from klbelt.cli.main import main
+
+KEYS = {
+    "name",
+    "baseline",
+    "dtype",
+    "pass",
+    "median_ms",
+    "baseline_median_ms",
+    "speedup",
+    "extra_peak_mb",
+    "baseline_extra_peak_mb",
+}
+
+
+@pytest.fixture(scope="module")
+def rows():
+    """The benchmark's JSON rows at a tiny size (run once for all the tests below)."""
+    buffer = io.StringIO()
+    with contextlib.redirect_stdout(buffer):
+        code = main(["bench", "kernels", "--rows", "64", "--vocab", "512", "--repeats", "2", "--warmup", "0", "--json"])
+    assert code == 0
+    return json.loads(buffer.getvalue())
+
+
+def test_json_rows_have_the_promised_keys_and_sane_values(rows):
+    assert rows, "no rows"
+    for row in rows:
+        assert KEYS <= row.keys(), row
+        assert row["pass"] in ("forward", "forward+backward")
+        assert row["dtype"] in ("fp32", "bf16")
+        for key in ("median_ms", "baseline_median_ms", "speedup"):
+            assert math.isfinite(row[key]) and row[key] > 0, (key, row)
+        assert row["speedup"] == pytest.approx(row["baseline_median_ms"] / row["median_ms"], rel=0.01)
+        for key in ("extra_peak_mb", "baseline_extra_peak_mb"):
+            assert row[key] is None or (0 <= row[key] < 1024), (key, row)
+
+
+def test_every_function_dtype_and_pass_is_compared_with_its_baselines(rows):
+    seen = {(r["name"], r["baseline"], r["dtype"], r["pass"]) for r in rows}
+    baselines = {
+        "logprobs_from_logits": {"naive log_softmax+gather"},
+        "kl_from_logits": {"naive (p*(logp-logq)).sum(-1)", "F.kl_div(log_target=True)"},
+    }
+    try:
+        import trl.trainer.utils  # noqa: F401
+    except Exception:
+        pass
+    else:
+        baselines["logprobs_from_logits"].add("trl selective_log_softmax")
+    for name, names in baselines.items():
+        for baseline in names:
+            for dtype in ("fp32", "bf16"):
+                for pass_ in ("forward", "forward+backward"):
+                    assert (name, baseline, dtype, pass_) in seen
