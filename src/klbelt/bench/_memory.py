@@ -41,12 +41,22 @@ def _status_kib(field: str) -> int:
     raise OSError(f"/proc/self/status has no {field}")
 
 
-def reset_peak() -> bool:
-    """Set the peak resident size back to the current one; False where unsupported."""
+def reset_peak() -> None:
+    """Set the peak resident size (VmHWM) back to the current one (Linux >= 4.0)."""
+    with open("/proc/self/clear_refs", "w") as fh:
+        fh.write("5")
+
+
+def peak_is_resettable() -> bool:
+    """Whether :func:`reset_peak` works here: a freed 64 MiB block must leave the peak after a reset."""
     try:
-        with open("/proc/self/clear_refs", "w") as fh:
-            fh.write("5")
-        return _status_kib("VmHWM") <= _status_kib("VmRSS") + 64
+        import torch
+
+        block = torch.ones(1 << 24)  # 64 MiB, touched
+        del block
+        before = _status_kib("VmHWM")
+        reset_peak()
+        return _status_kib("VmHWM") < before - (32 << 10)
     except OSError:
         return False
 
@@ -55,13 +65,12 @@ def tensor_bytes(tensors) -> int:
     return sum(t.numel() * t.element_size() for t in tensors if t is not None)
 
 
-def extra_peak_bytes(call) -> int | None:
+def extra_peak_bytes(call) -> int:
     """Extra peak resident memory of ``call()`` (returns a tuple of tensors), per the module docstring."""
     outputs = call()  # warm-up: compile, load code, start threads
     del outputs
     gc.collect()
-    if not reset_peak():
-        return None
+    reset_peak()
     before = _status_kib("VmRSS")
     outputs = call()
     peak = _status_kib("VmHWM")

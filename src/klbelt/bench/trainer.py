@@ -13,12 +13,13 @@ the reward, GAE, whitened advantages. The settings:
 * B: batch 64, 32 response tokens, 4 epochs x 4 minibatches (compute-bound).
 
 Timing: each measurement runs in a fresh process; klbelt and TRL alternate
-(``--runs`` each) so machine drift hits both alike. A run trains ``--warmup``
-+ ``--updates`` updates; the steady-state time per update is the time from the
-end of the last warm-up update to the end of the last timed one, divided by
-``--updates`` (whole updates: rollout, scoring, advantages, optimisation,
-logging, TRL's gc.collect()). The median over runs is reported; tokens/s =
-batch x response tokens / seconds per update.
+(``--runs`` each, the order flipping every run) so machine drift hits both
+alike. A run trains ``--warmup`` + ``--updates`` updates; an update's time runs
+from the end of the update before it to its own end (a whole update:
+rollout, scoring, advantages, optimisation, logging, TRL's gc.collect()).
+The reported time is the median over every timed update of every run (robust
+to other processes taking the CPU for a while); tokens/s = batch x response
+tokens / that time.
 
 The floor: with the same Hugging Face modules, the passes no PPO update can
 avoid, each timed alone (median of ``--floor-repeats``): the generation steps
@@ -27,12 +28,15 @@ one reference, value and reward forward over the batch, and epochs x
 minibatches x (policy forward+backward, value forward+backward, the two AdamW
 steps). ``floor_ratio`` = klbelt seconds per update / floor seconds.
 
-Peak memory (``*_peak_mb``): the growth of the process's resident memory
-during training (peak resident size, reset via ``/proc/self/clear_refs`` just
-before training starts, minus the resident size then), with libraries imported
-and the shared models (policy, reference, reward) already built; the value
-model and everything else the trainer allocates count. ``None`` where the peak
-cannot be reset (not Linux).
+Peak memory (``*_peak_mb``): measured in one more run per trainer, with
+glibc returning every freed block of 64 KiB or more to the OS (see
+``klbelt.bench._memory``) so resident memory follows live memory: the peak
+resident size during training (reset via ``/proc/self/clear_refs`` just
+before it starts) minus the resident size then. At that point libraries are
+imported, the shared models (policy, reference, reward) are built and one
+throwaway pass of each kind has run (so code pages and thread pools are paid
+for alike); the value model, optimiser state, gradients and activations
+count. ``None`` where the peak cannot be reset (not Linux).
 """
 
 from __future__ import annotations
@@ -60,7 +64,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--warmup", type=int, default=3, help="untimed updates at the start of each run")
     parser.add_argument("--updates", type=int, default=6, help="timed updates per run")
     parser.add_argument("--runs", type=int, default=3, help="runs per trainer (klbelt and TRL alternate)")
-    parser.add_argument("--floor-repeats", type=int, default=7, help="timed repeats of each floor pass (median)")
+    parser.add_argument("--floor-repeats", type=int, default=15, help="timed repeats of each floor pass (median)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads in every measured process")
     parser.add_argument("--layers", type=int, default=2, help="GPT-2 layers of every model")
     parser.add_argument("--dim", type=int, default=128, help="GPT-2 hidden size of every model")
@@ -71,6 +75,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--response-tokens", type=int, default=None, help="override the settings' response length")
     parser.add_argument("--no-trl", action="store_true", help="skip TRL (klbelt and the floor only)")
     parser.add_argument("--json", action="store_true", help="print a JSON list, one object per setting")
+    parser.add_argument("--json-out", default=None, help="also write that JSON list to this file")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)  # internal: one measurement, JSON spec
 
 
@@ -113,6 +118,28 @@ def _build(spec: dict):
     return tok, prompts, policy, ref, reward
 
 
+def _prewarm(policy, reward, prompt_ids) -> None:
+    """Run every kind of pass once on throwaway copies, so code pages, thread pools and allocator
+    arenas that any trainer needs are resident before the memory baseline is taken (both sides alike)."""
+    import copy
+    import gc
+
+    import torch
+
+    from klbelt.rl.rollout import _cache_kwarg, _returned_cache
+
+    model = copy.deepcopy(policy)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
+    with torch.no_grad():
+        out = model(input_ids=prompt_ids, use_cache=True)
+        model(input_ids=prompt_ids[:, -1:], use_cache=True, **{_cache_kwarg(model): _returned_cache(out)})
+        reward(input_ids=prompt_ids)
+    model(input_ids=prompt_ids).logits.float().log_softmax(-1).mean().backward()
+    opt.step()
+    del model, opt, out
+    gc.collect()
+
+
 def _status_kib(field: str) -> int:
     with open("/proc/self/status") as fh:
         for line in fh:
@@ -122,19 +149,35 @@ def _status_kib(field: str) -> int:
 
 
 def _reset_peak() -> int | None:
-    """Reset the resident high-water mark; the resident KiB now, or None where unsupported."""
-    from ._memory import reset_peak
+    """Reset the resident high-water mark; the resident KiB now, or None where unsupported.
 
-    return _status_kib("VmRSS") if reset_peak() else None
+    Memory freed between the reset and the check makes the check fail; retry a few times.
+    """
+    if os.environ.get("KLBELT_BENCH_DEBUG"):
+        print("rss parts MB", _rss_parts(), file=sys.stderr)
+    for _ in range(10):
+        try:
+            with open("/proc/self/clear_refs", "w") as fh:
+                fh.write("5")
+            hwm, rss = _status_kib("VmHWM"), _status_kib("VmRSS")
+        except OSError:
+            return None
+        if hwm <= rss + 64:
+            return rss
+        time.sleep(0.01)
+    return None
 
 
 def _peak_mb(rss_before: int | None) -> float | None:
+    if os.environ.get("KLBELT_BENCH_DEBUG"):
+        print("rss parts MB", _rss_parts(), file=sys.stderr)
     return None if rss_before is None else max(0, _status_kib("VmHWM") - rss_before) / 1024
 
 
-def _steady_seconds(ends: list[float], warmup: int, updates: int) -> float:
-    """Seconds per update from the end times of updates: last warm-up end to last timed end."""
-    return (ends[warmup + updates - 1] - ends[warmup - 1]) / updates
+def _intervals(ends: list[float], warmup: int, updates: int) -> list[float]:
+    """Seconds of each timed update: from the end of the update before it to its own end."""
+    timed = ends[warmup - 1 : warmup + updates]
+    return [b - a for a, b in zip(timed, timed[1:])]
 
 
 # --------------------------------------------------------------------------- the three measured children
@@ -170,6 +213,7 @@ def _child_klbelt(spec: dict) -> dict:
             lr=1e-5, critic_lr=1e-5, out=out, checkpoint_every=10**9, samples_every=10**9,
         )
         scorer = RewardModel(reward, tok)
+        _prewarm(policy, reward, tok(prompts[: spec["batch"]], return_tensors="pt")["input_ids"])
         torch.manual_seed(spec["seed"])
         rss = _reset_peak()
         try:
@@ -177,7 +221,7 @@ def _child_klbelt(spec: dict) -> dict:
         except _Stop:
             pass
         peak = _peak_mb(rss)
-    return {"seconds_per_update": _steady_seconds(ends, spec["warmup"], spec["updates"]), "peak_mb": peak}
+    return {"intervals": _intervals(ends, spec["warmup"], spec["updates"]), "peak_mb": peak}
 
 
 def _child_trl(spec: dict) -> dict:
@@ -209,6 +253,7 @@ def _child_trl(spec: dict) -> dict:
             kl_coef=0.05, kl_estimator="k1", learning_rate=1e-5, total_episodes=spec["batch"] * total,
             num_sample_generations=0, dataloader_num_workers=0,
         )
+        _prewarm(policy, reward, tok(prompts[: spec["batch"]], return_tensors="pt")["input_ids"])
         torch.manual_seed(spec["seed"])
         rss = _reset_peak()
         # TRL's value model: a sequence classifier on a copy of the policy's trunk, zero head (klbelt's init)
@@ -223,7 +268,7 @@ def _child_trl(spec: dict) -> dict:
         peak = _peak_mb(rss)
     if len(ends) != total:
         raise RuntimeError(f"TRL ran {len(ends)} updates, expected {total}")
-    return {"seconds_per_update": _steady_seconds(ends, spec["warmup"], spec["updates"]), "peak_mb": peak,
+    return {"intervals": _intervals(ends, spec["warmup"], spec["updates"]), "peak_mb": peak,
             "optimizer": type(trainer.optimizer.optimizer if hasattr(trainer.optimizer, "optimizer") else trainer.optimizer).__name__}
 
 
@@ -235,6 +280,7 @@ def _child_floor(spec: dict) -> dict:
     from torch import nn
 
     from klbelt.kl import logprobs_from_logits
+    from klbelt.rl.rollout import _cache_kwarg, _returned_cache
 
     tok, prompts, policy, ref, reward = _build(spec)
     B, R, E, M = spec["batch"], spec["response_tokens"], spec["epochs"], spec["minibatches"]
@@ -247,6 +293,7 @@ def _child_floor(spec: dict) -> dict:
     policy_opt = torch.optim.AdamW(policy.parameters(), lr=1e-5)
     value_opt = torch.optim.AdamW(list(trunk.parameters()) + list(head.parameters()), lr=1e-5)
     gen = torch.Generator().manual_seed(spec["seed"])
+    cache_kw = _cache_kwarg(policy)
 
     def positions(mask):
         return (mask.cumsum(-1) - 1).clamp_min(0)
@@ -263,11 +310,12 @@ def _child_floor(spec: dict) -> dict:
             if step + 1 == R:
                 break
             mask = torch.cat([mask, mask.new_ones(B, 1)], 1)
-            out = policy(input_ids=token, attention_mask=mask, position_ids=pos, past_key_values=out.past_key_values, use_cache=True)
+            out = policy(input_ids=token, attention_mask=mask, position_ids=pos, use_cache=True, **{cache_kw: _returned_cache(out)})
             pos = pos + 1
-        return torch.cat([prompt_ids] + tokens, 1), mask
+        return torch.cat([prompt_ids] + tokens, 1)
 
-    seq, full_mask = generate()
+    seq = generate()
+    full_mask = torch.cat([prompt_mask, prompt_mask.new_ones(B, R)], 1)
     pos_full = positions(full_mask)
     responses = seq[:, P:]
 
@@ -291,38 +339,39 @@ def _child_floor(spec: dict) -> dict:
     rows = slice(0, mb)
 
     def policy_fb():
+        policy.zero_grad(set_to_none=True)
         logits = policy(input_ids=seq[rows], attention_mask=full_mask[rows], position_ids=pos_full[rows], logits_to_keep=R + 1).logits
         logprobs_from_logits(logits[:, :-1], responses[rows]).mean().backward()
 
     def value_fb():
+        trunk.zero_grad(set_to_none=True)
+        head.zero_grad(set_to_none=True)
         values_of(rows).square().mean().backward()
 
     policy_fb()
-    value_fb()
+    value_fb()  # gradients exist, so the optimiser steps below do the full update
 
     def opt_steps():
         policy_opt.step()
         value_opt.step()
 
-    def median_seconds(fn):
-        for _ in range(2):
-            fn()
-        times = []
-        for _ in range(spec["floor_repeats"]):
+    passes = {
+        "generation": (generate, 1),
+        "ref_forward": (ref_forward, 1),
+        "value_forward": (value_forward, 1),
+        "reward_forward": (reward_forward, 1),
+        "policy_forward_backward": (policy_fb, E * M),
+        "value_forward_backward": (value_fb, E * M),
+        "optimizer_steps": (opt_steps, E * M),
+    }
+    times: dict[str, list[float]] = {name: [] for name in passes}
+    for round_ in range(2 + spec["floor_repeats"]):  # rounds over all passes, so drift hits them alike; 2 untimed
+        for name, (fn, _) in passes.items():
             t0 = time.perf_counter()
             fn()
-            times.append(time.perf_counter() - t0)
-        return statistics.median(times)
-
-    parts = {
-        "generation": median_seconds(generate),
-        "ref_forward": median_seconds(ref_forward),
-        "value_forward": median_seconds(value_forward),
-        "reward_forward": median_seconds(reward_forward),
-        "policy_forward_backward": E * M * median_seconds(policy_fb),
-        "value_forward_backward": E * M * median_seconds(value_fb),
-        "optimizer_steps": E * M * median_seconds(opt_steps),
-    }
+            if round_ >= 2:
+                times[name].append(time.perf_counter() - t0)
+    parts = {name: count * statistics.median(times[name]) for name, (_, count) in passes.items()}
     return {"seconds_per_update": sum(parts.values()), "parts": parts}
 
 
@@ -343,6 +392,10 @@ def child_main(spec_json: str) -> int:
 def _measure(spec: dict) -> dict:
     env = dict(os.environ, OMP_NUM_THREADS=str(spec["threads"]), MKL_NUM_THREADS=str(spec["threads"]),
                TOKENIZERS_PARALLELISM="false", TRANSFORMERS_VERBOSITY="error", HF_HUB_OFFLINE="1")
+    if spec.get("mode") == "memory":
+        from ._memory import CHILD_ENV
+
+        env.update(CHILD_ENV)  # freed blocks go back to the OS: resident size follows live memory
     proc = subprocess.run(
         [sys.executable, "-m", "klbelt.bench.trainer", "--child", json.dumps(spec)],
         capture_output=True, text=True, env=env, check=False,
@@ -380,14 +433,17 @@ def run(args) -> int:
             return 2
         base = dict(setting, warmup=args.warmup, updates=args.updates, threads=args.threads, layers=args.layers,
                     dim=args.dim, heads=args.heads, vocab=args.vocab, prompt_len=args.prompt_len, seed=0,
-                    floor_repeats=args.floor_repeats)
+                    floor_repeats=args.floor_repeats, mode="time")
         sides = ["klbelt"] if args.no_trl else ["klbelt", "trl"]
         results: dict[str, list[dict]] = {"klbelt": [], "trl": [], "floor": []}
         for r in range(args.runs):
-            order = sides if r % 2 == 0 else sides[::-1]
-            for side in order + ["floor"]:
+            for side in (sides if r % 2 == 0 else sides[::-1]) + ["floor"]:
                 results[side].append(_measure(dict(base, side=side)))
-        rows.append(_row(name, setting, args, results))
+        memory = {side: _measure(dict(base, side=side, mode="memory", updates=min(args.updates, 2))) for side in sides}
+        rows.append(_row(name, setting, args, results, memory))
+    if args.json_out:
+        with open(args.json_out, "w") as fh:
+            fh.write(json.dumps(rows, indent=1) + "\n")
     if args.json:
         print(json.dumps(rows, indent=1))
     else:
@@ -395,17 +451,16 @@ def run(args) -> int:
     return 0
 
 
-def _median(results: list[dict], key: str):
-    values = [r[key] for r in results if r.get(key) is not None]
-    return statistics.median(values) if values else None
-
-
-def _row(name: str, setting: dict, args, results: dict) -> dict:
+def _row(name: str, setting: dict, args, results: dict, memory: dict) -> dict:
     tokens = setting["batch"] * setting["response_tokens"]
-    k_s = _median(results["klbelt"], "seconds_per_update")
-    t_s = _median(results["trl"], "seconds_per_update")
-    f_s = _median(results["floor"], "seconds_per_update")
+
+    def seconds(side):  # median over every timed update of every run
+        pooled = [x for r in results[side] for x in r["intervals"]]
+        return statistics.median(pooled) if pooled else None
+
+    k_s, t_s = seconds("klbelt"), seconds("trl")
     parts = {p: statistics.median(r["parts"][p] for r in results["floor"]) for p in results["floor"][0]["parts"]}
+    f_s = sum(parts.values())
     row = {
         "setting": name,
         **setting,
@@ -414,17 +469,18 @@ def _row(name: str, setting: dict, args, results: dict) -> dict:
         "speedup": t_s / k_s if t_s else None,
         "floor_tokens_per_s": tokens / f_s,
         "floor_ratio": k_s / f_s,
-        "klbelt_peak_mb": _median(results["klbelt"], "peak_mb"),
-        "trl_peak_mb": _median(results["trl"], "peak_mb"),
+        "klbelt_peak_mb": memory["klbelt"]["peak_mb"],
+        "trl_peak_mb": memory["trl"]["peak_mb"] if "trl" in memory else None,
         "klbelt_s_per_update": k_s,
         "trl_s_per_update": t_s,
         "floor_s_per_update": f_s,
         "floor_parts_s": parts,
-        "klbelt_runs_s": [r["seconds_per_update"] for r in results["klbelt"]],
-        "trl_runs_s": [r["seconds_per_update"] for r in results["trl"]],
+        "klbelt_runs_s": [statistics.median(r["intervals"]) for r in results["klbelt"]],
+        "trl_runs_s": [statistics.median(r["intervals"]) for r in results["trl"]],
         "trl_optimizer": results["trl"][0].get("optimizer") if results["trl"] else None,
         "runs": args.runs, "warmup": args.warmup, "updates": args.updates, "threads": args.threads,
         "model": f"GPT-2 {args.layers} layers x {args.dim} dims, {args.heads} heads, vocab {args.vocab}, prompt {args.prompt_len} tokens",
+        "load_average": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
     }
     target = TARGETS.get(name)
     if target and row["speedup"] is not None:
@@ -442,8 +498,8 @@ def _fmt(x, spec="{:.0f}"):
 
 
 def _print_table(rows: list[dict], args) -> None:
-    print(f"PPO updates, steady state ({args.warmup} warm-up + {args.updates} timed updates per run, median of {args.runs} "
-          f"alternating runs, {args.threads} thread(s), fp32 CPU); {rows[0]['model']}")
+    print(f"PPO updates, steady state: median update time over {args.runs} alternating runs x {args.updates} timed updates "
+          f"(after {args.warmup} warm-up), {args.threads} thread(s), fp32 CPU; {rows[0]['model']}")
     head = f"{'setting':<8}{'klbelt tok/s':>13}{'TRL tok/s':>11}{'speedup':>9}{'floor tok/s':>13}{'klbelt/floor':>14}{'klbelt MB':>11}{'TRL MB':>9}"
     print(head)
     for r in rows:
@@ -454,7 +510,9 @@ def _print_table(rows: list[dict], args) -> None:
     for r in rows:
         parts = ", ".join(f"{k} {1000 * v:.1f}" for k, v in r["floor_parts_s"].items())
         print(f"floor {r['setting']} (ms per update): {parts}")
-    print("MB = growth of resident memory during training over the process's size when it starts (models built).")
+    print("MB = peak growth of resident memory during training over the process's size when it starts (libraries loaded, "
+          "shared models built, one throwaway pass of each kind run), in a separate run with glibc returning freed blocks.")
+    print(f"load average at the end: {rows[-1]['load_average']}")
 
 
 if __name__ == "__main__":

@@ -5,6 +5,26 @@ texts: distinct-1 within a sample, sentiment-word density, reference NLL per tok
 and gold rewards. Natural text = the 32 tokens after the 6-token demo prompt of every eval-split
 fortune that long; reference samples = 32 tokens at temperature 1 from those prompts,
 end-of-text blocked (as in the RL demo).
+
+Measured on the shipped model (validation loss 4.289), torch 2.13 CPU::
+
+    natural continuations, eval split (n=286): quantiles 1% / 5% / 50% / 95% / 99%
+      distinct_1  0.684 / 0.780 / 0.941 / 1.000 / 1.000
+      density     0.000 / 0.000 / 0.050 / 0.150 / 0.200
+      ref_nll     3.321 / 3.667 / 4.354 / 4.929 / 5.252
+      quality<1 in 4 of 286; mean proxy +0.087, mean normalised sentiment +0.082, mean gold +0.079
+    reference-model samples, temperature 1 (n=286): quantiles 1% / 5% / 50% / 95% / 99%
+      distinct_1  0.774 / 0.843 / 1.000 / 1.000 / 1.000
+      density     0.000 / 0.000 / 0.000 / 0.100 / 0.150
+      ref_nll     3.623 / 3.824 / 4.415 / 5.001 / 5.270
+      quality<1 in 4 of 286; mean proxy +0.028, mean normalised sentiment +0.027, mean gold +0.026
+    constructed degenerate texts (prompt: the first eval prompt)
+      repeated word    proxy +0.998  gold -1.000  (s +0.637, distinct 0.05, density 1.00, nll 8.48)
+      exclaimed word   proxy +0.993  gold -1.000  (s +0.625, distinct 0.10, density 0.50, nll 9.31)
+      positive salad   proxy +0.997  gold -1.000  (s +0.997, distinct 1.00, density 1.00, nll 5.31)
+      stuffed sentence proxy +0.992  gold -1.000  (s +0.991, distinct 0.87, density 0.57, nll 4.83)
+      short loop       proxy +0.980  gold -1.000  (s +0.637, distinct 0.24, density 0.29, nll 6.03)
+      caps and marks   proxy +0.975  gold +0.062  (s +0.919, distinct 0.57, density 0.25, nll 3.70)
 """
 
 from __future__ import annotations
@@ -32,17 +52,25 @@ DEGENERATE = {
 
 
 @torch.no_grad()
-def ref_nll_of(model, tokenizer, prompts: list[str], continuations: list[str]) -> torch.Tensor:
-    """Reference NLL per token of each continuation given its prompt (temperature 1), [B]."""
+def ref_nll_of(model, tokenizer, prompts: list[str], continuations: list[str], batch_size: int = 64) -> torch.Tensor:
+    """Reference NLL per token of each continuation given its prompt (temperature 1), [B].
+    Sequences are right-padded, so every real token keeps its position."""
     out = []
-    for p, c in zip(prompts, continuations):
-        p_ids = tokenizer.encode(p, add_special_tokens=False)
-        c_ids = tokenizer.encode(c, add_special_tokens=False)
-        ids = torch.tensor([p_ids + c_ids])[:, -model.config.n_positions :]
+    for i in range(0, len(prompts), batch_size):
+        rows, spans = [], []
+        for p, c in zip(prompts[i : i + batch_size], continuations[i : i + batch_size]):
+            p_ids = tokenizer.encode(p, add_special_tokens=False)
+            c_ids = tokenizer.encode(c, add_special_tokens=False)
+            ids = (p_ids + c_ids)[: model.config.n_positions]
+            rows.append(ids)
+            spans.append((len(p_ids), len(ids)))
+        width = max(len(r) for r in rows)
+        ids = torch.tensor([r + [tokenizer.pad_token_id] * (width - len(r)) for r in rows])
         logp = torch.log_softmax(model(input_ids=ids).logits[:, :-1].float(), -1)
         lp = logp.gather(-1, ids[:, 1:, None])[..., 0]
         mask = torch.zeros_like(lp)
-        mask[:, -len(c_ids) :] = 1
+        for b, (start, stop) in enumerate(spans):
+            mask[b, start - 1 : stop - 1] = 1  # logits at t predict token t + 1
         out.append(sequence_nll(lp, mask))
     return torch.cat(out)
 

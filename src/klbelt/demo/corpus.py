@@ -123,12 +123,15 @@ def demo_prompts(tokenizer, n: int = 64, prompt_tokens: int = 6, split: str = "e
     for entry in load_fortunes(split):
         if not entry[0].isalpha():
             continue
-        ids = tokenizer.encode(entry, add_special_tokens=False)
+        # the start is enough (a token is rarely over 8 characters) and avoids over-length warnings
+        ids = tokenizer.encode(entry[: 16 * (prompt_tokens + 1)], add_special_tokens=False)
         if len(ids) <= prompt_tokens:  # the continuation must come from the model, not the prompt's end
             continue
         text = tokenizer.decode(ids[:prompt_tokens])
         if tokenizer.encode(text, add_special_tokens=False) == ids[:prompt_tokens]:
             prompts.append(text)
+            if len(prompts) == n:
+                break
     if not prompts:
         raise ValueError(f"no fortune in split {split!r} is longer than {prompt_tokens} tokens")
     return [prompts[i % len(prompts)] for i in range(n)]

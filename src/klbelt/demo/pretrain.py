@@ -126,7 +126,18 @@ def sample_texts(model, tokenizer, prompts, max_new_tokens: int = 40, seed: int 
 
 
 def pretrain(cfg: PretrainConfig, log=print) -> dict:
-    """Train tokenizer and model into ``cfg.out``; returns the report written there."""
+    """Train tokenizer and model into ``cfg.out``; returns the report written there.
+    ``cfg.threads`` applies during the call only (the caller's thread count comes back after)."""
+    previous_threads = torch.get_num_threads()
+    if cfg.threads is not None:
+        torch.set_num_threads(cfg.threads)
+    try:
+        return _pretrain(cfg, log)
+    finally:
+        torch.set_num_threads(previous_threads)
+
+
+def _pretrain(cfg: PretrainConfig, log) -> dict:
     from transformers import GPT2LMHeadModel
 
     from .corpus import demo_prompts, load_fortunes
@@ -141,11 +152,10 @@ def pretrain(cfg: PretrainConfig, log=print) -> dict:
     if cfg.budget_seconds is not None and cfg.budget_seconds <= 0:
         raise ValueError(f"budget_seconds must be > 0, got {cfg.budget_seconds}")
     out = Path(cfg.out)
-    if cfg.threads is not None:
-        torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
     started = time.time()
 
+    log(f"pre-training the demo model into {out}")
     train_texts, eval_texts = load_fortunes("train"), load_fortunes("eval")
     t0 = time.time()
     tokenizer = wrap_tokenizer(train_tokenizer(train_texts, TINY_GPT2["vocab_size"]))
@@ -221,6 +231,7 @@ def pretrain(cfg: PretrainConfig, log=print) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out)  # safetensors
     tokenizer.save_pretrained(out)
+    portable_tokenizer_config(out)
     report = {
         "budget": {
             "tokens": step * tokens_per_step,
@@ -252,9 +263,19 @@ def pretrain(cfg: PretrainConfig, log=print) -> dict:
     return report
 
 
+def portable_tokenizer_config(model_dir) -> None:
+    """Name the tokenizer class ``PreTrainedTokenizerFast`` in ``tokenizer_config.json``:
+    transformers 5 saves ``TokenizersBackend``, a name transformers 4 cannot resolve."""
+    path = Path(model_dir) / "tokenizer_config.json"
+    config = json.loads(path.read_text())
+    config["tokenizer_class"] = "PreTrainedTokenizerFast"
+    path.write_text(json.dumps(config, indent=2) + "\n")
+
+
 def _readme(report: dict) -> str:
     b, loss = report["budget"], report["loss"]
     budget = f"--max-tokens {b['max_tokens']}" if b["max_tokens"] is not None else f"--budget-seconds {b['budget_seconds']:g}"
+    threads = "" if report["config"]["threads"] is None else f" --threads {report['config']['threads']}"
     lines = [
         "# tiny_fortune: klbelt's demo model",
         "",
@@ -266,7 +287,7 @@ def _readme(report: dict) -> str:
         "",
         f"- Budget: {b['tokens']:,} tokens ({b['steps']} steps of {b['tokens_per_step']} tokens), "
         f"{b['train_seconds']:.0f} s of training on {b['machine']}.",
-        f"- Reproduce: `klbelt pretrain --out DIR {budget} --seed {report['config']['seed']}`.",
+        f"- Reproduce: `klbelt pretrain --out DIR {budget} --seed {report['config']['seed']}{threads}`.",
         f"- Loss reached (nats/token, dropout off): train {loss['train']:.3f}, validation "
         f"{loss['validation']:.3f} (a uniform guess: {loss['uniform']:.3f}).",
         "",

@@ -33,9 +33,15 @@ Gold reward (what the demo judges with; the trainer never sees it)
     would move towards 0 and beat natural negative text. Here d(gold)/dq = s + 1 >= 0, so
     losing quality never pays, and fully degenerate text scores -1 whatever its sentiment.
 
-    The thresholds were measured with ``python -m klbelt.demo.calibrate`` (natural
-    continuations from the eval split, samples of the shipped model, constructed degenerate
-    texts); the numbers are in that module's docstring and in tests/test_demo_rewards.py.
+    The thresholds were measured with ``python -m klbelt.demo.calibrate`` on the shipped model
+    (its numbers are in that module's docstring): each "ok" end sits at or beyond the 1st/99th
+    percentile of both natural eval-split continuations and the reference model's own samples,
+    so natural text keeps q = 1 (4 of 286 natural continuations lose anything; mean gold
+    +0.079 against mean proxy +0.087), while "love love ...", "great! great!! ...", a positive
+    word salad and a sentence stuffed with positive words all score -1 (proxy 0.98 to 1.00).
+    Measured honestly: on this small model the fluency factor bites least (a positive word
+    salad has NLL 5.31, like the natural 99th percentile 5.25); density and distinct-1 carry
+    most of the judgement, fluency catches what the model finds implausible beyond that.
 
 Failure-mode metrics, logged every step
     ``exclaim_rate`` ("!" per 100 characters over the batch), ``distinct_n`` (unique n-grams /
@@ -50,15 +56,21 @@ from collections.abc import Sequence
 
 import torch
 
+from ..rl.text_metrics import _check_texts, distinct_n, exclaim_rate  # noqa: F401  (the last two re-exported)
+
 # --- gold-reward constants (see klbelt.demo.calibrate for the measurements behind them) ----
-DISTINCT_OK, DISTINCT_BAD = 0.60, 0.30
-"""distinct-1 within a sample: 1.0 at or above DISTINCT_OK, 0.0 at or below DISTINCT_BAD"""
-DENSITY_OK, DENSITY_BAD = 0.20, 0.45
-"""share of sentiment-carrying words: 1.0 at or below DENSITY_OK, 0.0 at or above DENSITY_BAD"""
+DISTINCT_OK, DISTINCT_BAD = 0.65, 0.35
+"""distinct-1 within a sample: 1.0 at or above DISTINCT_OK, 0.0 at or below DISTINCT_BAD
+(natural continuations: 1st percentile 0.684; reference samples: 0.774; "love" x20: 0.05)"""
+DENSITY_OK, DENSITY_BAD = 0.20, 0.40
+"""share of sentiment-carrying words: 1.0 at or below DENSITY_OK, 0.0 at or above DENSITY_BAD
+(natural: median 0.05, 99th percentile 0.20; reference samples: 99th 0.15; positive salad 1.0,
+stuffed sentence 0.57)"""
 MIN_WORDS = 20
 """density is counted over at least this many words (a continuation is ~25 words)"""
-NLL_OK, NLL_BAD = 5.0, 7.0
-"""reference NLL, nats/token: 1.0 at or below NLL_OK, 0.0 at or above NLL_BAD"""
+NLL_OK, NLL_BAD = 5.3, 7.0
+"""reference NLL, nats/token: 1.0 at or below NLL_OK, 0.0 at or above NLL_BAD
+(natural: median 4.35, 99th percentile 5.25; reference samples: 4.42 and 5.27; "love" x20: 8.48)"""
 
 _WORD_EDGE = re.compile(r"^[^\w:;()<>=^]+|[^\w:;()<>=^]+$")  # keep emoticons such as ":)"
 _ANALYZER = None
@@ -77,15 +89,6 @@ def _analyzer():
             ) from exc
         _ANALYZER = SentimentIntensityAnalyzer()
     return _ANALYZER
-
-
-def _check_texts(texts) -> list[str]:
-    if isinstance(texts, str) or not isinstance(texts, Sequence):
-        raise TypeError(f"texts must be a list of strings, got {type(texts).__name__}")
-    for i, t in enumerate(texts):
-        if not isinstance(t, str):
-            raise TypeError(f"texts[{i}] must be a str, got {type(t).__name__}")
-    return list(texts)
 
 
 def _compound(text: str) -> float:
@@ -170,26 +173,6 @@ def gold_reward(texts: Sequence[str], ref_nll=None) -> torch.Tensor:
             raise ValueError("ref_nll holds NaN or infinite values")
         nll = values.tolist()
     return torch.tensor([gold_parts(t, v)["gold"] for t, v in zip(texts, nll)], dtype=torch.float32)
-
-
-def exclaim_rate(texts: Sequence[str]) -> float:
-    """ "!" per 100 characters over the whole batch: 100 * sum(count "!") / sum(len); 0.0 if empty."""
-    texts = _check_texts(texts)
-    chars = sum(len(t) for t in texts)
-    return 100.0 * sum(t.count("!") for t in texts) / chars if chars else 0.0
-
-
-def distinct_n(texts: Sequence[str], n: int) -> float:
-    """Distinct-n across the batch: unique n-grams / all n-grams, whitespace words, n-grams
-    taken within each text (never across two). 0.0 when the batch has no n-gram at all."""
-    texts = _check_texts(texts)
-    if not isinstance(n, int) or n < 1:
-        raise ValueError(f"n must be an int >= 1, got {n!r}")
-    grams = []
-    for t in texts:
-        words = t.split()
-        grams.extend(tuple(words[i : i + n]) for i in range(len(words) - n + 1))
-    return len(set(grams)) / len(grams) if grams else 0.0
 
 
 def sequence_nll(ref_logprobs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

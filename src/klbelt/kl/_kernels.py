@@ -9,11 +9,11 @@ feed row chunks so the fp32 temporaries stay small.
 On a CPU the cost is the ``exp`` throughput plus the passes over memory, so
 the forward kernels used there (``*_fwd_one_pass``) read the logits once: a
 softmax needs *some* shift ``c`` with ``exp(x - c)`` in range, not the row
-maximum. The shift is the largest of the chosen token's logit and a strided
-sample of the row (it is an element of the row, so the sum is >= 1 and never
-underflows); a row whose sum overflows anyway (its maximum is ~80 nats above
-the shift) comes out non-finite and is recomputed with the exact two-pass
-kernel (``*_fwd``: maximum first, then the sum). On other devices, where that
+maximum. The shift is the largest of a strided sample of the row (it is an
+element of the row, so the sum is >= 1 and never underflows); a row whose sum
+overflows anyway (its maximum is ~80 nats above the shift) comes out
+non-finite and is recomputed with the exact two-pass kernel (``*_fwd``:
+maximum first, then the sum). On other devices, where that
 check would synchronise the host, the two-pass kernels are used directly. The
 exact KL takes two exponentials per element (one per distribution), the
 minimum.
@@ -60,6 +60,12 @@ def get_backend() -> str:
 # --------------------------------------------------------------------------- kernels
 # All take 2-D blocks: x, y [n, V] logits (any float dtype), t [n] int64 tokens,
 # inv_temp a Python float; per-row outputs are fp32 [n] (fp64 for fp64 logits).
+# A row's log-sum-exp is kept as two numbers, a shift c (an element of the
+# scaled row) and log_s = log sum exp(x*s - c), never added: differences such
+# as x_t*s - c are then exact even for logits offset by 1e4, where c + log_s
+# would round to ~1e-3.
+
+PIVOT_SAMPLES = 64  # row entries sampled (strided) for the one-pass shift
 
 
 def acc_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -67,10 +73,17 @@ def acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-PIVOT_SAMPLES = 64  # row entries sampled (strided) for the one-pass shift
+def _scaled(x: torch.Tensor, inv_temp: float, like: torch.Tensor | None = None) -> torch.Tensor:
+    """``x * inv_temp`` in the accumulation dtype of ``x`` (of ``like`` when given)."""
+    return x.to(acc_dtype((x if like is None else like).dtype)) * inv_temp
 
 
-def _shift(x: torch.Tensor, inv_temp: float) -> torch.Tensor:
+def _max_shift(xs: torch.Tensor) -> torch.Tensor:
+    """``[n, 1]`` row maximum of the scaled rows (two-pass kernels)."""
+    return xs.amax(dim=-1, keepdim=True)
+
+
+def _sample_shift(x: torch.Tensor, inv_temp: float, like: torch.Tensor | None = None) -> torch.Tensor:
     """``[n, 1]`` shift for the one-pass kernels: the largest of a strided sample of each scaled row.
 
     It is an element of the row, scaled exactly as the kernels scale every
@@ -79,90 +92,93 @@ def _shift(x: torch.Tensor, inv_temp: float) -> torch.Tensor:
     instead of recomputing it inside the loop over the vocabulary.)
     """
     step = max(1, x.shape[-1] // PIVOT_SAMPLES)
-    return (x[:, ::step].to(acc_dtype(x.dtype)) * inv_temp).amax(dim=-1, keepdim=True)
+    return _scaled(x[:, ::step], inv_temp, like).amax(dim=-1, keepdim=True)
+
+
+def _logprob_fwd(x, t, inv_temp, one_pass: bool):
+    xs = _scaled(x, inv_temp)
+    c = _sample_shift(x, inv_temp) if one_pass else _max_shift(xs)
+    log_s = torch.log(torch.exp(xs - c).sum(dim=-1, keepdim=True))
+    picked = _scaled(x.gather(-1, t.unsqueeze(-1)), inv_temp)
+    return ((picked - c) - log_s).squeeze(-1), c.squeeze(-1), log_s.squeeze(-1)
 
 
 def logprob_fwd(x: torch.Tensor, t: torch.Tensor, inv_temp: float):
-    """log softmax(x * inv_temp)[t] and the row log-sum-exp (two passes: max, then sum)."""
-    xs = x.to(acc_dtype(x.dtype)) * inv_temp
-    lse = torch.logsumexp(xs, dim=-1)
-    picked = xs.gather(-1, t.unsqueeze(-1)).squeeze(-1)
-    return picked - lse, lse
+    """log softmax(x*s)[t] with s = inv_temp, and the row's (c, log_s): lse = c + log_s.
+
+    Two passes: c = row max, then log_s = log sum exp(x*s - c).
+    """
+    return _logprob_fwd(x, t, inv_temp, one_pass=False)
 
 
 def logprob_fwd_one_pass(x: torch.Tensor, t: torch.Tensor, inv_temp: float):
-    """As :func:`logprob_fwd` in one pass: lse = c + log sum exp(x*s - c), c from :func:`_shift`.
+    """As :func:`logprob_fwd` in one pass over ``x``, with c from :func:`_sample_shift`.
 
     Non-finite for a row whose sum overflows; the caller recomputes those rows.
     """
-    acc = acc_dtype(x.dtype)
-    c = _shift(x, inv_temp)
-    lse = (c + torch.log(torch.exp(x.to(acc) * inv_temp - c).sum(dim=-1, keepdim=True))).squeeze(-1)
-    picked = x.gather(-1, t.unsqueeze(-1)).squeeze(-1).to(acc) * inv_temp
-    return picked - lse, lse
+    return _logprob_fwd(x, t, inv_temp, one_pass=True)
 
 
-def logprob_bwd(x: torch.Tensor, t: torch.Tensor, lse: torch.Tensor, g: torch.Tensor, inv_temp: float):
-    """d/dx of sum_i g_i log softmax(x_i * inv_temp)[t_i] = g * inv_temp * (onehot(t) - p).
+def logprob_bwd(
+    x: torch.Tensor, t: torch.Tensor, c: torch.Tensor, log_s: torch.Tensor,
+    g: torch.Tensor, inv_temp: float,
+):
+    """d/dx of sum_i g_i log softmax(x_i*s)[t_i] = g * s * (onehot(t) - p),  p = exp(x*s - c - log_s).
 
     Written as ``-g*s*p`` everywhere, then the chosen entries are overwritten
     with ``g*s*(1 - p_t) = -g*s*expm1(log p_t)`` (accurate also where p_t ~ 1,
     one rounding): cheaper than a one-hot compare per element.
     """
-    acc = acc_dtype(x.dtype)
     gs = (g * inv_temp).unsqueeze(-1)
-    lse = lse.unsqueeze(-1)
-    grad = (-gs * torch.exp(x.to(acc) * inv_temp - lse)).to(x.dtype)
+    c, log_s = c.unsqueeze(-1), log_s.unsqueeze(-1)
+    grad = (-gs * torch.exp((_scaled(x, inv_temp) - c) - log_s)).to(x.dtype)
     idx = t.unsqueeze(-1)
-    picked = -gs * torch.expm1(x.gather(-1, idx).to(acc) * inv_temp - lse)
+    picked = -gs * torch.expm1((_scaled(x.gather(-1, idx), inv_temp) - c) - log_s)
     return grad.scatter_(-1, idx, picked.to(x.dtype))
 
 
-def kl_fwd(a: torch.Tensor, b: torch.Tensor, inv_temp: float):
-    """KL(softmax(a*s) || softmax(b*s)) per row, with the two row log-sum-exps.
+def _kl_fwd(a, b, inv_temp, one_pass: bool):
+    as_, bs = _scaled(a, inv_temp), _scaled(b, inv_temp, like=a)
+    if one_pass:
+        c_a, c_b = _sample_shift(a, inv_temp), _sample_shift(b, inv_temp, like=a)
+    else:
+        c_a, c_b = _max_shift(as_), _max_shift(bs)
+    da, db = as_ - c_a, bs - c_b
+    e = torch.exp(da)
+    s_a = e.sum(dim=-1)
+    w = torch.where(e > 0, e * (da - db), 0.0).sum(dim=-1)
+    log_s_a = torch.log(s_a)
+    log_s_b = torch.log(torch.exp(db).sum(dim=-1))
+    return w / s_a - log_s_a + log_s_b, c_a.squeeze(-1), log_s_a, c_b.squeeze(-1), log_s_b
 
-    With e = exp(a*s - m_a), S = sum e:  KL = sum(e * (a - b) * s) / S - lse_a + lse_b.
+
+def kl_fwd(a: torch.Tensor, b: torch.Tensor, inv_temp: float):
+    """KL(softmax(a*s) || softmax(b*s)) per row, with each row's (c_a, log_s_a, c_b, log_s_b).
+
+    With da = a*s - c_a, db = b*s - c_b, e = exp(da), S_a = sum e, S_b = sum exp(db):
+    KL = sum(e * (da - db)) / S_a - log S_a + log S_b. Two passes (c = row max).
     Zero-probability entries of ``a`` contribute 0 (also where both are -inf).
     """
-    as_ = a.to(acc_dtype(a.dtype)) * inv_temp
-    bs = b.to(acc_dtype(a.dtype)) * inv_temp
-    m_a = as_.amax(dim=-1, keepdim=True)
-    e = torch.exp(as_ - m_a)
-    s = e.sum(dim=-1)
-    w = torch.where(e > 0, e * (as_ - bs), 0.0).sum(dim=-1)
-    lse_a = m_a.squeeze(-1) + torch.log(s)
-    lse_b = torch.logsumexp(bs, dim=-1)
-    return w / s - lse_a + lse_b, lse_a, lse_b
+    return _kl_fwd(a, b, inv_temp, one_pass=False)
 
 
 def kl_fwd_one_pass(a: torch.Tensor, b: torch.Tensor, inv_temp: float):
-    """As :func:`kl_fwd` in one pass over ``a`` and ``b``, with shifts from :func:`_shift`.
+    """As :func:`kl_fwd` in one pass over ``a`` and ``b``, with shifts from :func:`_sample_shift`.
 
     Non-finite for a row whose sums overflow; the caller recomputes those rows.
     """
-    acc = acc_dtype(a.dtype)
-    c_a, c_b = _shift(a, inv_temp), _shift(b, inv_temp)
-    as_ = a.to(acc) * inv_temp
-    bs = b.to(acc) * inv_temp
-    e = torch.exp(as_ - c_a)
-    s_a = e.sum(dim=-1)
-    w = torch.where(e > 0, e * (as_ - bs), 0.0).sum(dim=-1)
-    s_b = torch.exp(bs - c_b).sum(dim=-1)
-    lse_a = c_a.squeeze(-1) + torch.log(s_a)
-    lse_b = c_b.squeeze(-1) + torch.log(s_b)
-    return w / s_a - lse_a + lse_b, lse_a, lse_b
+    return _kl_fwd(a, b, inv_temp, one_pass=True)
 
 
-def kl_bwd(a, b, lse_a, lse_b, kl, g, inv_temp: float, need_a: bool, need_b: bool):
+def kl_bwd(a, b, c_a, log_s_a, c_b, log_s_b, kl, g, inv_temp: float, need_a: bool, need_b: bool):
     """Gradients of sum_i g_i KL(p_i || q_i), p = softmax(a*s), q = softmax(b*s).
 
-    dKL/da = s * p * (log p - log q - KL),   dKL/db = s * (q - p).
+    dKL/da = s * p * (log p - log q - KL),   dKL/db = s * (q - p),
+    with log p = a*s - c_a - log_s_a and log q = b*s - c_b - log_s_b.
     """
-    as_ = a.to(acc_dtype(a.dtype)) * inv_temp
-    bs = b.to(acc_dtype(a.dtype)) * inv_temp
     gs = (g * inv_temp).unsqueeze(-1)
-    logp = as_ - lse_a.unsqueeze(-1)
-    logq = bs - lse_b.unsqueeze(-1)
+    logp = (_scaled(a, inv_temp) - c_a.unsqueeze(-1)) - log_s_a.unsqueeze(-1)
+    logq = (_scaled(b, inv_temp, like=a) - c_b.unsqueeze(-1)) - log_s_b.unsqueeze(-1)
     p = torch.exp(logp)
     ga = gb = None
     if need_a:
@@ -226,7 +242,7 @@ def run(name: str, numel: int, *args):
     return _KERNELS[name](*args)
 
 
-_N_OUTPUTS = {"logprob": 2, "kl": 3}
+_N_OUTPUTS = {"logprob": 3, "kl": 5}
 
 
 def forward(kind: str, rows: tuple[torch.Tensor, ...], inv_temp: float, chunk_size: int | None) -> list[torch.Tensor]:

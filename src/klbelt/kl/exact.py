@@ -12,20 +12,20 @@ DIRECTIONS = ("reverse", "forward")
 class _ExactKL(torch.autograd.Function):
     """KL(softmax(a/T) || softmax(b/T)) per row of 2-D ``a``, ``b`` [N, V].
 
-    Saves the inputs and three per-row scalars; backward recomputes the
+    Saves the inputs and five per-row scalars; backward recomputes the
     softmaxes block by block.
     """
 
     @staticmethod
     def forward(ctx, a, b, inv_temp, chunk_size):
-        kl, lse_a, lse_b = _kernels.forward("kl", (a, b), inv_temp, chunk_size)
-        ctx.save_for_backward(a, b, lse_a, lse_b, kl)
+        kl, *row_stats = _kernels.forward("kl", (a, b), inv_temp, chunk_size)  # c_a, log_s_a, c_b, log_s_b
+        ctx.save_for_backward(a, b, kl, *row_stats)
         ctx.inv_temp, ctx.chunk_size = inv_temp, chunk_size
         return kl
 
     @staticmethod
     def backward(ctx, g):
-        a, b, lse_a, lse_b, kl = ctx.saved_tensors
+        a, b, kl, *row_stats = ctx.saved_tensors
         need_a, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         n, v = a.shape
         g = g.to(kl.dtype)
@@ -33,7 +33,8 @@ class _ExactKL(torch.autograd.Function):
         whole = None
         for s, e in _kernels.blocks(n, v, ctx.chunk_size):
             ga, gb = _kernels.run(
-                "kl_bwd", n * v, a[s:e], b[s:e], lse_a[s:e], lse_b[s:e], kl[s:e], g[s:e], ctx.inv_temp, need_a, need_b
+                "kl_bwd", n * v, a[s:e], b[s:e], *(r[s:e] for r in row_stats), kl[s:e], g[s:e],
+                ctx.inv_temp, need_a, need_b,
             )
             whole = s == 0 and e == n
             if whole:

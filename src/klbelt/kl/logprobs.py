@@ -10,25 +10,25 @@ from . import _checks, _kernels
 class _LogProbs(torch.autograd.Function):
     """logp[i] = x[i, t_i] / T - logsumexp(x[i] / T), over 2-D ``x`` [N, V].
 
-    Saves only the input and the per-row log-sum-exp; the backward pass
+    Saves only the input and the per-row log-sum-exp (as shift + log-sum); the backward pass
     recomputes the softmax block by block: dlogp/dx = (onehot(t) - p) / T.
     """
 
     @staticmethod
     def forward(ctx, x, t, inv_temp, chunk_size):
-        out, lse = _kernels.forward("logprob", (x, t), inv_temp, chunk_size)
-        ctx.save_for_backward(x, t, lse)
+        out, c, log_s = _kernels.forward("logprob", (x, t), inv_temp, chunk_size)
+        ctx.save_for_backward(x, t, c, log_s)
         ctx.inv_temp, ctx.chunk_size = inv_temp, chunk_size
         return out
 
     @staticmethod
     def backward(ctx, g):
-        x, t, lse = ctx.saved_tensors
+        x, t, c, log_s = ctx.saved_tensors
         n, v = x.shape
-        g = g.to(lse.dtype)
+        g = g.to(c.dtype)
         grad = None
         for s, e in _kernels.blocks(n, v, ctx.chunk_size):
-            block = _kernels.run("logprob_bwd", n * v, x[s:e], t[s:e], lse[s:e], g[s:e], ctx.inv_temp)
+            block = _kernels.run("logprob_bwd", n * v, x[s:e], t[s:e], c[s:e], log_s[s:e], g[s:e], ctx.inv_temp)
             if s == 0 and e == n:
                 grad = block
             else:

@@ -7,6 +7,7 @@ that is 1 on generated tokens up to and including the first EOS.
 
 from __future__ import annotations
 
+import functools
 import inspect
 from dataclasses import dataclass
 
@@ -50,10 +51,20 @@ def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
     return (attention_mask.long().cumsum(-1) - 1).clamp_min(0)
 
 
+@functools.lru_cache(maxsize=64)
+def _forward_params(forward) -> frozenset:
+    return frozenset(inspect.signature(forward).parameters)
+
+
+def _params(model) -> frozenset:
+    """Parameter names of ``model.forward`` (looked up once per forward function, not per call)."""
+    forward = model.forward
+    return _forward_params(getattr(forward, "__func__", forward))
+
+
 def _cache_kwarg(model) -> str:
     """Transformers renamed ``past_key_values`` to ``cache``; accept both."""
-    params = inspect.signature(model.forward).parameters
-    return "cache" if "cache" in params else "past_key_values"
+    return "cache" if "cache" in _params(model) else "past_key_values"
 
 
 def _returned_cache(out):
@@ -99,46 +110,57 @@ def sample(
     B, P = prompt_ids.shape
     device = prompt_ids.device
     cache_kw = _cache_kwarg(policy)
-    attention = prompt_mask.long()
-    out = policy(input_ids=prompt_ids, attention_mask=attention, position_ids=position_ids(attention), use_cache=True)
+    # the whole attention mask up front; step t attends to its first P + t columns (no cat per step)
+    attention = torch.cat([prompt_mask.long(), prompt_mask.new_ones(B, max_new_tokens, dtype=torch.long)], dim=1)
+    prompt_attention = attention[:, :P]
+    keep_last = {"logits_to_keep": 1} if _supports_logits_to_keep(policy) else {}  # the prompt pass needs one row of logits
+    out = policy(input_ids=prompt_ids, attention_mask=prompt_attention, position_ids=position_ids(prompt_attention), use_cache=True, **keep_last)
     logits = out.logits[:, -1].float()
     cache = _returned_cache(out)
-    next_pos = position_ids(attention)[:, -1:] + 1
-    tokens, logps = [], []
+    next_pos = position_ids(prompt_attention)[:, -1:] + 1
+    filtered = bool(top_k and top_k < logits.shape[-1]) or top_p < 1.0
+    blocked = torch.tensor(sorted(set(blocked_token_ids)), dtype=torch.long, device=device) if blocked_token_ids else None
+    can_stop = stop_on_eos and eos_token_id is not None
+    tokens, logps, response_mask = [], [], []
     alive = torch.ones(B, dtype=torch.bool, device=device)
-    response_mask = []
     for step in range(max_new_tokens):
-        scaled = logits / temperature
+        scaled = logits / temperature if temperature != 1.0 else logits
         logp_all = torch.log_softmax(scaled, dim=-1)
-        sampling = filter_logits(scaled, top_k, top_p)
-        if blocked_token_ids:
-            sampling[:, list(blocked_token_ids)] = float("-inf")
-        token = torch.multinomial(torch.softmax(sampling, dim=-1), 1, generator=generator).squeeze(-1)
-        token = torch.where(alive, token, torch.full_like(token, pad_token_id))
-        response_mask.append(alive.clone())
+        if filtered:
+            weights = torch.softmax(filter_logits(scaled, top_k, top_p), dim=-1)
+        else:  # softmax = exp(log_softmax): reuse it (multinomial takes unnormalised weights)
+            weights = logp_all.exp()
+        if blocked is not None:
+            weights.index_fill_(-1, blocked, 0.0)
+        token = torch.multinomial(weights, 1, generator=generator).squeeze(-1)
+        if can_stop:
+            token = torch.where(alive, token, torch.full_like(token, pad_token_id))
+            response_mask.append(alive)
         tokens.append(token)
         logps.append(logp_all.gather(-1, token[:, None]).squeeze(-1))
-        if stop_on_eos and eos_token_id is not None:
+        if can_stop:
             alive = alive & (token != eos_token_id)
             if not bool(alive.any()):
                 break
         if step + 1 == max_new_tokens:
             break
-        attention = torch.cat([attention, torch.ones(B, 1, dtype=attention.dtype, device=device)], dim=1)
-        out = policy(input_ids=token[:, None], attention_mask=attention, position_ids=next_pos, use_cache=True, **{cache_kw: cache})
+        out = policy(
+            input_ids=token[:, None], attention_mask=attention[:, : P + step + 1], position_ids=next_pos, use_cache=True, **{cache_kw: cache}
+        )
         cache = _returned_cache(out)
         logits = out.logits[:, -1].float()
         next_pos = next_pos + 1
     responses = torch.stack(tokens, dim=1)
-    mask = torch.stack(response_mask, dim=1).float()
+    R = responses.shape[1]
+    mask = torch.stack(response_mask, dim=1).float() if can_stop else torch.ones(B, R, device=device)
     logprobs = torch.stack(logps, dim=1) * mask
     sequences = torch.cat([prompt_ids, responses], dim=1)
-    full_mask = torch.cat([prompt_mask.long(), torch.ones_like(responses)], dim=1)
+    full_mask = attention[:, : P + R].contiguous()
     return Rollout(sequences, full_mask, P, mask, logprobs)
 
 
 def _supports_logits_to_keep(model) -> bool:
-    return "logits_to_keep" in inspect.signature(model.forward).parameters
+    return "logits_to_keep" in _params(model)
 
 
 def response_logits(model, rollout: Rollout) -> torch.Tensor:
@@ -168,11 +190,17 @@ def response_logprobs(model, rollout: Rollout, temperature: float = 1.0, with_en
 
 
 @torch.no_grad()
-def entropy_from_logits(logits: torch.Tensor, temperature: float = 1.0, chunk_rows: int = 256) -> torch.Tensor:
-    """H(softmax(z / T)) = -sum_v p_v log p_v per position, computed in row blocks (nats)."""
+def entropy_from_logits(logits: torch.Tensor, temperature: float = 1.0, chunk_rows: int | None = None) -> torch.Tensor:
+    """H(softmax(z / T)) = -sum_v p_v log p_v per position, computed in row blocks (nats).
+
+    Blocks of ``chunk_rows`` rows (default: about 256K logits, 1 MB in fp32) keep
+    the temporaries small next to the logits, which the caller holds anyway.
+    """
     flat = logits.reshape(-1, logits.shape[-1])
+    rows = chunk_rows or max(1, (1 << 18) // max(1, flat.shape[-1]))
     out = torch.empty(flat.shape[0], dtype=torch.float32, device=logits.device)
-    for s in range(0, flat.shape[0], chunk_rows):
-        logp = torch.log_softmax(flat[s : s + chunk_rows].float() / temperature, dim=-1)
-        out[s : s + chunk_rows] = -(logp.exp() * logp).sum(-1)
+    for s in range(0, flat.shape[0], rows):
+        block = flat[s : s + rows].float()
+        logp = torch.log_softmax(block / temperature if temperature != 1.0 else block, dim=-1)
+        out[s : s + rows] = -logp.exp().mul_(logp).sum(-1)
     return out.reshape(logits.shape[:-1])

@@ -116,8 +116,9 @@ def train(
     Returns:
         The metrics of the steps run in this call.
 
-    Files in ``cfg.out``: config.json, metrics.jsonl (one object per update),
-    samples.jsonl, checkpoint.pt (policy, critic, optimisers, controller, RNG).
+    Files in ``cfg.out``: config.json, metrics.jsonl (one object per update, with
+    the monitor's KL statistics and health alerts), samples.jsonl, checkpoint.pt
+    (policy, critic, optimisers, controller, RNG) and report.html (at the end).
     """
     if not prompts:
         raise ValueError("prompts must hold at least one prompt, got none")
@@ -309,4 +310,16 @@ def train(
         history.append(record)
         if on_step:
             on_step(record)
+    write_run_report(out)
     return history
+
+
+def write_run_report(out: Path) -> Path | None:
+    """The monitor's HTML report of the whole run (all of metrics.jsonl); skipped without matplotlib."""
+    import importlib.util
+
+    if importlib.util.find_spec("matplotlib") is None:
+        return None
+    from ..monitor import write_report
+
+    return write_report(read_jsonl(out / "metrics.jsonl"), out / "report.html", title=f"klbelt run: {out}")
