@@ -21,12 +21,25 @@ The reported time is the median over every timed update of every run (robust
 to other processes taking the CPU for a while); tokens/s = batch x response
 tokens / that time.
 
+TRL is configured for the same work: ``per_device_train_batch_size`` = batch,
+``gradient_accumulation_steps=1``, ``num_mini_batches`` and ``num_ppo_epochs``
+as the setting, ``local_rollout_forward_batch_size`` = batch,
+``response_length`` = response tokens with ``stop_token=None``, no gradient
+checkpointing (PPOConfig's default recomputes the forward), fp32 (no bf16),
+``num_sample_generations=0``, no saving, no reporting. What remains TRL's own
+way of doing things is measured with it: ``generate()``, logits and values
+over every position, one AdamW over policy + value, two ``gc.collect()`` per
+update. (klbelt does a little more: it clips each model's gradient norm.)
+
 The floor: with the same Hugging Face modules, the passes no PPO update can
-avoid, each timed alone (median of ``--floor-repeats``): the generation steps
-(prompt pass + one cached decode step per further token, sampling included),
-one reference, value and reward forward over the batch, and epochs x
-minibatches x (policy forward+backward, value forward+backward, the two AdamW
-steps). ``floor_ratio`` = klbelt seconds per update / floor seconds.
+avoid, timed alone in ``--floor-repeats`` rounds over all passes (median per
+pass): the generation steps (prompt pass + one cached decode step per further
+token, sampling included), one reference, value and reward forward over the
+batch, and epochs x minibatches x (policy forward+backward, value
+forward+backward, the two AdamW steps). Like any batched trainer it passes
+attention masks and position ids, and computes logits and values at the
+response positions only. ``floor_ratio`` = klbelt seconds per update / floor
+seconds; ``floor_parts_s`` says what the floor is made of.
 
 Peak memory (``*_peak_mb``): measured in one more run per trainer, with
 glibc returning every freed block of 64 KiB or more to the OS (see
@@ -153,8 +166,6 @@ def _reset_peak() -> int | None:
 
     Memory freed between the reset and the check makes the check fail; retry a few times.
     """
-    if os.environ.get("KLBELT_BENCH_DEBUG"):
-        print("rss parts MB", _rss_parts(), file=sys.stderr)
     for _ in range(10):
         try:
             with open("/proc/self/clear_refs", "w") as fh:
@@ -169,8 +180,6 @@ def _reset_peak() -> int | None:
 
 
 def _peak_mb(rss_before: int | None) -> float | None:
-    if os.environ.get("KLBELT_BENCH_DEBUG"):
-        print("rss parts MB", _rss_parts(), file=sys.stderr)
     return None if rss_before is None else max(0, _status_kib("VmHWM") - rss_before) / 1024
 
 

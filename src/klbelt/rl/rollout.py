@@ -126,12 +126,13 @@ def sample(
     for step in range(max_new_tokens):
         scaled = logits / temperature if temperature != 1.0 else logits
         logp_all = torch.log_softmax(scaled, dim=-1)
-        if filtered:
-            weights = torch.softmax(filter_logits(scaled, top_k, top_p), dim=-1)
-        else:  # softmax = exp(log_softmax): reuse it (multinomial takes unnormalised weights)
+        if filtered or blocked is not None:
+            sampling = filter_logits(scaled, top_k, top_p) if filtered else scaled
+            if blocked is not None:  # on the logits, so the rest renormalises even if a blocked token held ~all the mass
+                sampling = sampling.index_fill(-1, blocked, float("-inf"))
+            weights = torch.softmax(sampling, dim=-1)
+        else:  # softmax = exp(log_softmax): reuse it
             weights = logp_all.exp()
-        if blocked is not None:
-            weights.index_fill_(-1, blocked, 0.0)
         token = torch.multinomial(weights, 1, generator=generator).squeeze(-1)
         if can_stop:
             token = torch.where(alive, token, torch.full_like(token, pad_token_id))
