@@ -67,6 +67,31 @@ def test_sampling_logprobs_equal_a_fresh_forward_with_left_padded_prompts():
     torch.testing.assert_close(roll.logprobs, fresh, atol=1e-5, rtol=0)
 
 
+def test_a_blocked_token_is_never_sampled_and_is_removed_from_every_log_prob():
+    # EOS holds ~all the mass; blocked, the rest renormalises: sampled tokens are never EOS, and the
+    # recorded log-probs equal a fresh forward of the same renormalised distribution (finite, <= 0),
+    # so moving mass onto EOS cannot make the KL estimate negative.
+    tok = word_tokenizer(WORDS)
+    model = tiny_gpt2(len(tok), seed=5)
+    with torch.no_grad():
+        model.lm_head.weight[tok.eos_token_id] = 50.0 * model.transformer.wte.weight.mean(0) / model.transformer.wte.weight.mean(0).norm() ** 2
+    enc = tok(["a b", "c"], return_tensors="pt", padding=True)
+    roll = sample(model, enc["input_ids"], enc["attention_mask"], max_new_tokens=8, eos_token_id=tok.eos_token_id,
+                  blocked_token_ids=(tok.eos_token_id,), pad_token_id=tok.pad_token_id, generator=torch.Generator().manual_seed(0))
+    assert not (roll.responses == tok.eos_token_id).any()
+    assert roll.response_mask.all()
+    fresh, entropy = response_logprobs(model, roll, with_entropy=True)
+    torch.testing.assert_close(roll.logprobs, fresh, atol=1e-5, rtol=0)
+    assert torch.isfinite(entropy).all() and torch.isfinite(fresh).all()
+    # the blocked distribution is the unblocked one renormalised without EOS
+    single = tok(["c"], return_tensors="pt")  # the same prompt, unpadded
+    full = torch.log_softmax(model(**single).logits[0, -1], -1)
+    without_eos = full.clone()
+    without_eos[tok.eos_token_id] = float("-inf")
+    expected = torch.log_softmax(without_eos, -1)[roll.responses[1, 0]]
+    torch.testing.assert_close(roll.logprobs[1, 0], expected, atol=1e-4, rtol=0)
+
+
 class _Output(dict):
     __getattr__ = dict.__getitem__  # like transformers' ModelOutput: keys and attributes
 

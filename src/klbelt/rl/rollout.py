@@ -35,6 +35,7 @@ class Rollout:
     prompt_len: int
     response_mask: torch.Tensor
     logprobs: torch.Tensor
+    blocked_token_ids: tuple[int, ...] = ()
 
     @property
     def responses(self) -> torch.Tensor:
@@ -42,7 +43,12 @@ class Rollout:
 
     def select(self, index: torch.Tensor) -> "Rollout":
         return Rollout(
-            self.sequences[index], self.attention_mask[index], self.prompt_len, self.response_mask[index], self.logprobs[index]
+            self.sequences[index],
+            self.attention_mask[index],
+            self.prompt_len,
+            self.response_mask[index],
+            self.logprobs[index],
+            self.blocked_token_ids,
         )
 
 
@@ -104,8 +110,11 @@ def sample(
 
     A lean loop over the model's forward (no ``generate()``): one full prompt
     pass, then one token per step. ``blocked_token_ids`` are never sampled
-    (e.g. EOS, to force full-length continuations). Rows that emitted EOS keep
-    receiving ``pad_token_id`` (masked out) until every row is done.
+    (e.g. EOS, to force full-length continuations): they are removed from the
+    policy's distribution, which renormalises, and the rollout remembers them so
+    that every later log-prob (policy, reference, training) uses the same
+    renormalised distribution. Rows that emitted EOS keep receiving
+    ``pad_token_id`` (masked out) until every row is done.
     """
     B, P = prompt_ids.shape
     device = prompt_ids.device
@@ -125,12 +134,15 @@ def sample(
     alive = torch.ones(B, dtype=torch.bool, device=device)
     for step in range(max_new_tokens):
         scaled = logits / temperature if temperature != 1.0 else logits
+        if blocked is not None:
+            # Blocked tokens are removed from the policy itself (the rest renormalises), so the
+            # recorded log-probs, the reference's and the trained ones all describe the
+            # distribution the tokens really came from: otherwise a policy could move mass onto
+            # a never-sampled token and make every k1 estimate negative (a KL "bonus").
+            scaled = scaled.index_fill(-1, blocked, float("-inf"))
         logp_all = torch.log_softmax(scaled, dim=-1)
-        if filtered or blocked is not None:
-            sampling = filter_logits(scaled, top_k, top_p) if filtered else scaled
-            if blocked is not None:  # on the logits, so the rest renormalises even if a blocked token held ~all the mass
-                sampling = sampling.index_fill(-1, blocked, float("-inf"))
-            weights = torch.softmax(sampling, dim=-1)
+        if filtered:
+            weights = torch.softmax(filter_logits(scaled, top_k, top_p), dim=-1)
         else:  # softmax = exp(log_softmax): reuse it
             weights = logp_all.exp()
         token = torch.multinomial(weights, 1, generator=generator).squeeze(-1)
@@ -157,7 +169,7 @@ def sample(
     logprobs = torch.stack(logps, dim=1) * mask
     sequences = torch.cat([prompt_ids, responses], dim=1)
     full_mask = attention[:, : P + R].contiguous()
-    return Rollout(sequences, full_mask, P, mask, logprobs)
+    return Rollout(sequences, full_mask, P, mask, logprobs, tuple(sorted(set(blocked_token_ids))))
 
 
 def _supports_logits_to_keep(model) -> bool:
@@ -174,7 +186,11 @@ def response_logits(model, rollout: Rollout) -> torch.Tensor:
         position_ids=position_ids(rollout.attention_mask),
         **kwargs,
     )
-    return out.logits[:, -(R + 1) : -1]
+    logits = out.logits[:, -(R + 1) : -1]
+    if rollout.blocked_token_ids:  # the sampling distribution had these removed (see ``sample``)
+        blocked = torch.tensor(rollout.blocked_token_ids, dtype=torch.long, device=logits.device)
+        logits = logits.index_fill(-1, blocked, float("-inf"))
+    return logits
 
 
 def response_logprobs(model, rollout: Rollout, temperature: float = 1.0, with_entropy: bool = False):
@@ -203,5 +219,6 @@ def entropy_from_logits(logits: torch.Tensor, temperature: float = 1.0, chunk_ro
     for s in range(0, flat.shape[0], rows):
         block = flat[s : s + rows].float()
         logp = torch.log_softmax(block / temperature if temperature != 1.0 else block, dim=-1)
-        out[s : s + rows] = -logp.exp().mul_(logp).sum(-1)
+        plogp = logp.exp().mul_(logp)
+        out[s : s + rows] = -plogp.masked_fill_(logp == float("-inf"), 0.0).sum(-1)  # 0 log 0 = 0 (blocked tokens)
     return out.reshape(logits.shape[:-1])

@@ -64,6 +64,15 @@ def call_reward(reward_fn: RewardFn, texts: list[str], rollout: Rollout | None =
     return scores
 
 
+def check_finite(loss: torch.Tensor, which: str, step: int, ckpt_path: Path) -> None:
+    """Stop on a NaN/inf loss before it reaches the weights; the last checkpoint stays as it was."""
+    if not math.isfinite(float(loss.detach())):
+        raise TrainingError(
+            f"non-finite {which} loss ({float(loss.detach())}) at step {step}; stopping. "
+            f"The last good checkpoint is kept in {ckpt_path}"
+        )
+
+
 def fingerprint(model) -> list[float]:
     """Two float64 sums over all parameters: enough to tell two reference models apart."""
     with torch.no_grad():
@@ -254,23 +263,19 @@ def train(
                     loss = loss + kl_coef * aggregate(kl_term, mask[mb], "token-mean")
                 if cfg.entropy_coef:
                     loss = loss - cfg.entropy_coef * aggregate(entropy, mask[mb], "token-mean")
-                vf_loss = torch.zeros(())
-                if critic:
-                    vf_loss = ppo_value_loss(critic(mb_roll), old_values[mb], returns[mb], mask[mb], cfg.value_clip)
-                if not (math.isfinite(float(loss.detach())) and math.isfinite(float(vf_loss.detach()))):
-                    raise TrainingError(
-                        f"non-finite loss at step {step} (policy {float(loss.detach())}, value {float(vf_loss.detach())}); "
-                        f"stopping. The last good checkpoint is kept in {ckpt_path}"
-                    )
-                policy_opt.zero_grad(set_to_none=True)
+                check_finite(loss, "policy", step, ckpt_path)
                 loss.backward()
                 torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.max_grad_norm)
                 policy_opt.step()
+                policy_opt.zero_grad(set_to_none=True)  # free the gradients before the critic's pass
+                vf_loss = torch.zeros(())
                 if critic:
-                    critic_opt.zero_grad(set_to_none=True)
+                    vf_loss = ppo_value_loss(critic(mb_roll), old_values[mb], returns[mb], mask[mb], cfg.value_clip)
+                    check_finite(vf_loss, "value", step, ckpt_path)
                     (cfg.vf_coef * vf_loss).backward()
                     torch.nn.utils.clip_grad_norm_(critic.parameters(), cfg.max_grad_norm)
                     critic_opt.step()
+                    critic_opt.zero_grad(set_to_none=True)
                 stats.append(torch.stack([pg_loss.detach(), vf_loss.detach(), pg_stats["clip_frac"], pg_stats["approx_kl"], aggregate(entropy, mask[mb])]))
 
         # 5. The KL belt: feed the observed KL, in the controller's unit, to the controller.
@@ -306,6 +311,8 @@ def train(
         if step % cfg.samples_every == 0 or step == cfg.steps - 1:
             samples_log.append({"step": step, "prompts": batch_prompts[:4], "responses": texts[:4], "rewards": scores[:4].tolist()})
         if (step + 1) % cfg.checkpoint_every == 0 or step == cfg.steps - 1:
+            metrics_log.sync()
+            samples_log.sync()
             save_checkpoint(step + 1)
         history.append(record)
         if on_step:
