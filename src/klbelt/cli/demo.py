@@ -9,9 +9,9 @@ from dataclasses import replace
 def add_parser(sub) -> None:
     p = sub.add_parser(
         "demo",
-        help="train the built-in tiny model against a hackable reward with an adaptive KL belt (~3 min)",
+        help="train the built-in tiny model against a hackable reward with an adaptive (PID) KL belt (~3 min)",
         description="Fine-tune the built-in tiny GPT-2 to make fortune continuations 'positive' (VADER, "
-        "a hackable proxy), with the KL penalty held near a target by an adaptive controller. Prints "
+        "a hackable proxy), with the KL penalty held near a target by an adaptive controller (PID by default; --controller adaptive is the article's step rule). Prints "
         "samples before and after and writes metrics, samples, config, checkpoint and report to --out.",
     )
     p.add_argument("--out", default="runs/demo", help="output directory (default: runs/demo)")

@@ -50,6 +50,12 @@ def load_policy(name: str):
             raise ValueError(f"model {name!r} is a {', '.join(archs)}, not a causal language model")
     tokenizer = AutoTokenizer.from_pretrained(path, **kwargs)
     model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    if "gguf_file" in kwargs:
+        # GGUF weights are dequantised to fp32 on load: the result is a plain model, and
+        # marking it so lets save_pretrained write the trained policy.
+        model.hf_quantizer, model.is_quantized = None, False
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
     return model.eval(), tokenizer
 
 
@@ -126,7 +132,9 @@ def run(args) -> int:
     if cfg.model == "demo":
         from ..demo.rewards import gold_reward as gold
     print(f"klbelt train: {cfg.model}, {len(prompts)} prompts, {cfg.steps} updates, out={cfg.out}")
-    history = train(cfg, model, tokenizer, prompts, reward, gold_fn=gold, resume=bool(args.resume), on_step=Progress(cfg.steps))
+    history = train(
+        cfg, model, tokenizer, prompts, reward, gold_fn=gold, resume=bool(args.resume), on_step=Progress(cfg.steps), warn_alerts=False
+    )
     if history:
         last = history[-1]
         print(f"done: reward {last['reward']:+.3f}, KL {last['kl']:.4f} nats/token, beta {last['kl_coef']:.4f}")
