@@ -64,4 +64,5 @@ def print_summary(summary: dict, out: str) -> None:
         for smp in samples:
             text = textwrap.shorten(f"{smp['prompt']}|{smp['response']}".replace("\n", " "), 150)
             print(f"  [proxy {smp['reward']:+.2f} gold {smp['gold_reward']:+.2f}] {text}")
-    print(f"\nWrote {out}/metrics.jsonl, samples.jsonl, config.json, checkpoint.pt, summary.json, policy/")
+    print(f"\nWrote {out}/: metrics.jsonl, samples.jsonl, config.json, checkpoint.pt, summary.json, policy/, report.html")
+    print(f"Look at the run: open {out}/report.html, or run  klbelt doctor {out}")
