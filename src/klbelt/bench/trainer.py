@@ -62,6 +62,8 @@ import subprocess
 import sys
 import time
 
+from ._memory import _status_kib, reset_peak
+
 DESCRIPTION = "tokens/s of whole PPO updates: klbelt's trainer vs TRL's PPOTrainer and the floor (settings A and B)"
 
 SETTINGS = {
@@ -153,14 +155,6 @@ def _prewarm(policy, reward, prompt_ids) -> None:
     gc.collect()
 
 
-def _status_kib(field: str) -> int:
-    with open("/proc/self/status") as fh:
-        for line in fh:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise OSError(f"/proc/self/status has no {field}")
-
-
 def _reset_peak() -> int | None:
     """Reset the resident high-water mark; the resident KiB now, or None where unsupported.
 
@@ -168,8 +162,7 @@ def _reset_peak() -> int | None:
     """
     for _ in range(10):
         try:
-            with open("/proc/self/clear_refs", "w") as fh:
-                fh.write("5")
+            reset_peak()
             hwm, rss = _status_kib("VmHWM"), _status_kib("VmRSS")
         except OSError:
             return None

@@ -21,33 +21,31 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def atomic_torch_save(obj, path: str | Path) -> None:
-    """``torch.save`` to a temporary file beside ``path``, fsync, then rename over it."""
+def _atomic_write(path: str | Path, mode: str, write) -> None:
+    """Write through ``write(file)`` to a temporary file beside ``path``, fsync, rename over it.
+
+    A crash at any point leaves either the old file or the new one, never half of one.
+    """
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
-        with open(tmp, "wb") as f:
-            torch.save(obj, f)
+        with open(tmp, mode) as f:
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
     _fsync_dir(path.parent)
+
+
+def atomic_torch_save(obj, path: str | Path) -> None:
+    """``torch.save`` that never leaves a half-written checkpoint."""
+    _atomic_write(path, "wb", lambda f: torch.save(obj, f))
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    _fsync_dir(path.parent)
+    _atomic_write(path, "w", lambda f: f.write(text))
 
 
 def read_jsonl(path: str | Path) -> list[dict]:
