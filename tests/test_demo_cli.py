@@ -39,5 +39,7 @@ def test_sweep_writes_the_beta_table(tmp_path, capsys):
 
 
 def test_sweep_rejects_bad_betas(capsys):
-    assert main(["sweep", "--betas", "0,-1"]) == 2
-    assert "--betas must be finite numbers >= 0" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:  # argparse: usage line + one error line, exit 2
+        main(["sweep", "--betas", "0,-1"])
+    assert exit_info.value.code == 2
+    assert "argument --betas: betas must be finite numbers >= 0, got '0,-1'" in capsys.readouterr().err

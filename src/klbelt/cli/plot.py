@@ -12,12 +12,7 @@ import argparse
 import os
 import sys
 
-
-def _floats(text: str) -> list:
-    try:
-        return [float(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+from .args import comma_floats
 
 
 def add_parser(sub) -> None:
@@ -26,9 +21,9 @@ def add_parser(sub) -> None:
     kinds = p.add_subparsers(dest="kind", metavar="KIND", required=True)
     b = kinds.add_parser("beta-effect", help="total reward vs KL, and equilibrium KL vs beta, in the testbed")
     b.add_argument("--out", required=True, help="output file (PNG; the format follows the extension)")
-    b.add_argument("--ref", type=_floats, default=None, help="reference probabilities (default: 8-response problem)")
-    b.add_argument("--reward", type=_floats, default=None, help="reward of each response")
-    b.add_argument("--betas", type=_floats, default=None, help="betas of the left panel (default 0.05,0.1,0.2,0.5)")
+    b.add_argument("--ref", type=comma_floats, default=None, help="reference probabilities (default: 8-response problem)")
+    b.add_argument("--reward", type=comma_floats, default=None, help="reward of each response")
+    b.add_argument("--betas", type=comma_floats, default=None, help="betas of the left panel (default 0.05,0.1,0.2,0.5)")
     b.set_defaults(func=_beta_effect)
 
 

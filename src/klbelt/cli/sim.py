@@ -13,12 +13,7 @@ import argparse
 import json
 import sys
 
-
-def _floats(text: str) -> list:
-    try:
-        return [float(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+from .args import comma_floats
 
 
 def add_parser(sub) -> None:
@@ -28,9 +23,9 @@ def add_parser(sub) -> None:
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--ref", type=_floats, default=None,
+    p.add_argument("--ref", type=comma_floats, default=None,
                    help="reference probabilities, comma-separated, > 0, summing to 1 (default: 8-response problem)")
-    p.add_argument("--reward", type=_floats, default=None, help="reward of each response, comma-separated")
+    p.add_argument("--reward", type=comma_floats, default=None, help="reward of each response, comma-separated")
     p.add_argument("--kl-coef", type=float, default=0.1, help="beta (fixed), or the initial beta of a controller")
     p.add_argument("--controller", choices=("fixed", "adaptive", "pid"), default="fixed")
     p.add_argument("--rule", choices=("step", "proportional"), default="step", help="adaptive controller's rule")

@@ -2,23 +2,23 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 from pathlib import Path
 
+from .args import comma_floats
 
-def _floats(text: str) -> list[float]:
-    try:
-        values = [float(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise ValueError(f"--betas must be comma-separated numbers, got {text!r}") from None
+
+def _betas(text: str) -> list[float]:
+    values = comma_floats(text)
     if not values or any(v < 0 or v != v or v == float("inf") for v in values):
-        raise ValueError(f"--betas must be finite numbers >= 0, got {text!r}")
+        raise argparse.ArgumentTypeError(f"betas must be finite numbers >= 0, got {text!r}")
     return values
 
 
 def add_parser(sub) -> None:
     p = sub.add_parser("sweep", help="fixed-beta runs of the demo task: the article's beta table, measured")
-    p.add_argument("--betas", default="0,0.01,0.1,1.0", help="comma-separated betas (default: 0,0.01,0.1,1.0)")
+    p.add_argument("--betas", type=_betas, default=[0.0, 0.01, 0.1, 1.0], help="comma-separated betas (default: 0,0.01,0.1,1.0)")
     p.add_argument("--seeds", type=int, default=1, help="seeds per beta (default: 1)")
     p.add_argument("--steps", type=int, default=None, help="PPO updates per run (default: the demo's)")
     p.add_argument("--out", default="runs/sweep", help="output directory (default: runs/sweep)")
@@ -31,7 +31,7 @@ def run(args) -> int:
     from ..demo.task import DEMO_CONFIG, run_sweep
     from .progress import Progress
 
-    betas = _floats(args.betas)
+    betas = args.betas
     if args.seeds < 1:
         raise ValueError(f"--seeds must be >= 1, got {args.seeds}")
     base = DEMO_CONFIG if args.steps is None else replace(DEMO_CONFIG, steps=args.steps)
