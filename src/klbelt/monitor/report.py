@@ -9,10 +9,9 @@ import base64
 import html
 import io
 import math
-import os
-import tempfile
 from pathlib import Path
 
+from .._files import atomic_write
 from .metrics import KL_HIST_EDGES
 from .rules import diagnose, exit_code
 
@@ -235,13 +234,5 @@ def write_report(history, out, *, title="klbelt run", verdicts=None, alerts=None
     page = render_html(records, title=title, verdicts=verdicts, alerts=alerts, source=source)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=out.name, suffix=".tmp", dir=out.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(page)
-        os.replace(tmp, out)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    atomic_write(out, "w", lambda f: f.write(page))
     return out

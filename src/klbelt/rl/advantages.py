@@ -59,11 +59,16 @@ def gae(
     return advantages, (advantages + values) * m
 
 
-def whiten(values: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, eps: float = 1e-8) -> torch.Tensor:
-    """Normalise ``values`` to unit variance (and zero mean) over the valid tokens."""
+def whiten(values: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, eps: float = 1e-8, group=None) -> torch.Tensor:
+    """Normalise ``values`` to unit variance (and zero mean) over the valid tokens.
+
+    With ``group``, the mean and variance are those of the valid tokens of all
+    data-parallel ranks together (two all-reduces), as for one process holding
+    the whole batch.
+    """
     m = _checks.mask_like("mask", mask, "values", _checks.tensor("values", values, floating=True))
-    mean = aggregate(values, m, "token-mean")
-    var = aggregate((values - mean).square(), m, "token-mean")
+    mean = aggregate(values, m, "token-mean", group=group)
+    var = aggregate((values - mean).square(), m, "token-mean", group=group)
     out = (values - mean) * torch.rsqrt(var + eps)
     if not shift_mean:
         out = out + mean

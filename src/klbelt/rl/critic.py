@@ -40,4 +40,5 @@ class ValueModel(nn.Module):
             attention_mask=rollout.attention_mask,
             position_ids=position_ids(rollout.attention_mask),
         ).last_hidden_state[:, -(R + 1) : -1]
-        return self.head(hidden).squeeze(-1).float() * rollout.response_mask
+        # the head is fp32 whatever the trunk's dtype: values are regression targets, kept in fp32
+        return self.head(hidden.float()).squeeze(-1) * rollout.response_mask

@@ -15,11 +15,14 @@ def ppo_policy_loss(
     mask: torch.Tensor,
     clip_range: float = 0.2,
     mode: str = "token-mean",
+    group=None,
 ) -> tuple[torch.Tensor, dict]:
     r"""Clipped surrogate: :math:`-\min(\rho A, \mathrm{clip}(\rho, 1-\epsilon, 1+\epsilon) A)`, :math:`\rho = e^{\log\pi - \log\pi_{old}}`.
 
     Returns ``(loss, stats)`` where stats holds the clip fraction and the
     approximate KL(old || new) (k3 of the ratio), both detached 0-d tensors.
+    With ``group`` every mean is global over the data-parallel ranks (see
+    :func:`klbelt.aggregate`): the loss and stats are those of the whole batch.
     """
     _checks.same_shape("logprobs", logprobs, "old_logprobs", old_logprobs)
     _checks.same_shape("logprobs", logprobs, "advantages", advantages)
@@ -29,11 +32,11 @@ def ppo_policy_loss(
     adv = advantages.detach()
     unclipped = ratio * adv
     clipped = ratio.clamp(1.0 - clip_range, 1.0 + clip_range) * adv
-    loss = aggregate(-torch.minimum(unclipped, clipped), mask, mode)
+    loss = aggregate(-torch.minimum(unclipped, clipped), mask, mode, group=group)
     with torch.no_grad():
         stats = {
-            "clip_frac": aggregate((clipped < unclipped).to(ratio.dtype), mask, "token-mean"),
-            "approx_kl": aggregate(torch.expm1(-log_ratio) + log_ratio, mask, "token-mean"),
+            "clip_frac": aggregate((clipped < unclipped).to(ratio.dtype), mask, "token-mean", group=group),
+            "approx_kl": aggregate(torch.expm1(-log_ratio) + log_ratio, mask, "token-mean", group=group),
         }
     return loss, stats
 
@@ -45,11 +48,15 @@ def ppo_value_loss(
     mask: torch.Tensor,
     clip_range: float = 0.2,
     mode: str = "token-mean",
+    group=None,
 ) -> torch.Tensor:
-    r"""Clipped value loss: :math:`\tfrac12 \max((V - R)^2, (V_{old} + \mathrm{clip}(V - V_{old}, \pm\epsilon) - R)^2)`."""
+    r"""Clipped value loss: :math:`\tfrac12 \max((V - R)^2, (V_{old} + \mathrm{clip}(V - V_{old}, \pm\epsilon) - R)^2)`.
+
+    With ``group``, the mean is global over the data-parallel ranks.
+    """
     _checks.same_shape("values", values, "old_values", old_values)
     _checks.same_shape("values", values, "returns", returns)
     clip_range = _checks.scalar("clip_range", clip_range, positive=True)
     old, target = old_values.detach(), returns.detach()
     clipped = old + (values - old).clamp(-clip_range, clip_range)
-    return 0.5 * aggregate(torch.maximum((values - target).square(), (clipped - target).square()), mask, mode)
+    return 0.5 * aggregate(torch.maximum((values - target).square(), (clipped - target).square()), mask, mode, group=group)

@@ -62,9 +62,16 @@ def _forward_params(forward) -> frozenset:
     return frozenset(inspect.signature(forward).parameters)
 
 
+def unwrap(model):
+    """The model inside a ``DistributedDataParallel`` (or similar ``.module``) wrapper; else ``model``."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    return model.module if isinstance(model, DistributedDataParallel) else model
+
+
 def _params(model) -> frozenset:
     """Parameter names of ``model.forward`` (looked up once per forward function, not per call)."""
-    forward = model.forward
+    forward = unwrap(model).forward
     return _forward_params(getattr(forward, "__func__", forward))
 
 
@@ -105,6 +112,7 @@ def sample(
     blocked_token_ids: tuple[int, ...] = (),
     pad_token_id: int = 0,
     generator: torch.Generator | None = None,
+    uniforms: torch.Tensor | None = None,
 ) -> Rollout:
     """Sample up to ``max_new_tokens`` tokens per prompt with a KV cache.
 
@@ -115,9 +123,20 @@ def sample(
     that every later log-prob (policy, reference, training) uses the same
     renormalised distribution. Rows that emitted EOS keep receiving
     ``pad_token_id`` (masked out) until every row is done.
+
+    Tokens are drawn by inverse-CDF sampling from ``uniforms`` ``[B,
+    max_new_tokens]`` in [0, 1) (drawn from ``generator`` when not given): row
+    b's step-t token depends only on ``uniforms[b, t]`` and its own
+    distribution, never on the other rows. So a global batch split across
+    data-parallel ranks (each rank passing its rows of one shared draw) samples
+    the same tokens as one process sampling the whole batch.
     """
     B, P = prompt_ids.shape
     device = prompt_ids.device
+    if uniforms is None:
+        uniforms = torch.rand(B, max_new_tokens, generator=generator, device=device)
+    elif uniforms.shape != (B, max_new_tokens):
+        raise ValueError(f"uniforms must be [B, max_new_tokens] = ({B}, {max_new_tokens}), got {tuple(uniforms.shape)}")
     cache_kw = _cache_kwarg(policy)
     # the whole attention mask up front; step t attends to its first P + t columns (no cat per step)
     attention = torch.cat([prompt_mask.long(), prompt_mask.new_ones(B, max_new_tokens, dtype=torch.long)], dim=1)
@@ -145,7 +164,7 @@ def sample(
             weights = torch.softmax(filter_logits(scaled, top_k, top_p), dim=-1)
         else:  # softmax = exp(log_softmax): reuse it
             weights = logp_all.exp()
-        token = torch.multinomial(weights, 1, generator=generator).squeeze(-1)
+        token = inverse_cdf(weights, uniforms[:, step])
         if can_stop:
             token = torch.where(alive, token, torch.full_like(token, pad_token_id))
             response_mask.append(alive)
@@ -170,6 +189,18 @@ def sample(
     sequences = torch.cat([prompt_ids, responses], dim=1)
     full_mask = attention[:, : P + R].contiguous()
     return Rollout(sequences, full_mask, P, mask, logprobs, tuple(sorted(set(blocked_token_ids))))
+
+
+def inverse_cdf(weights: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """Index i of each row with ``cdf[i-1] <= u * total < cdf[i]``: a draw from ``weights`` (unnormalised, >= 0).
+
+    ``weights`` ``[B, V]``, ``u`` ``[B]`` in [0, 1). A zero-weight entry is never chosen:
+    the point is kept strictly below the total, and ``right=True`` skips flat steps of the CDF.
+    """
+    cdf = weights.cumsum(-1)
+    total = cdf[:, -1:]
+    point = torch.minimum(u[:, None].to(cdf.dtype) * total, torch.nextafter(total, torch.zeros_like(total)))
+    return torch.searchsorted(cdf, point, right=True).squeeze(-1)
 
 
 def _supports_logits_to_keep(model) -> bool:

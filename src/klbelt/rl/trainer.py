@@ -9,19 +9,23 @@ import copy
 import json
 import math
 import time
+import warnings
 from pathlib import Path
 from typing import Callable
 
 import torch
 
+from ..control.distributed import global_observed_kl
 from ..kl import aggregate, kl_per_token
 from ..shaping import shape_rewards
 from .advantages import gae, whiten
 from .config import TrainConfig
 from .critic import ValueModel
+from .distributed import World
 from ..monitor import KLMonitor
 from .io import JsonlLog, atomic_torch_save, atomic_write_text, check_writable, read_jsonl
 from .losses import ppo_policy_loss, ppo_value_loss
+from .precision import MasterWeights
 from .rollout import Rollout, response_logprobs, sample
 from .text_metrics import distinct_n, exclaim_rate
 
@@ -80,6 +84,16 @@ def fingerprint(model) -> list[float]:
         return [float(sum(f.sum() for f in flat)), float(sum(f.square().sum() for f in flat))]
 
 
+def checkpoint_bytes(*masters: MasterWeights | None) -> int:
+    """About the size of a checkpoint: each model's weights, fp32 masters and AdamW's two fp32 moments."""
+    total = 0
+    for m in masters:
+        if m is not None:
+            per_param = 4 * (2 + m.active)
+            total += sum(p.numel() * (p.element_size() + per_param) for p in m.model_params)
+    return total
+
+
 def prompt_indices(step: int, n_prompts: int, per_step: int, seed: int) -> list[int]:
     """The prompts of update ``step``: a fresh seeded permutation each pass over the prompts.
 
@@ -128,9 +142,26 @@ def train(
     Files in ``cfg.out``: config.json, metrics.jsonl (one object per update, with
     the monitor's KL statistics and health alerts), samples.jsonl, checkpoint.pt
     (policy, critic, optimisers, controller, RNG) and report.html (at the end).
+
+    Data parallel: when torch.distributed is initialized (e.g. under
+    ``torchrun``), ``cfg.batch_size`` is the *global* batch. Each rank samples,
+    scores and trains on its contiguous share of every update's prompts;
+    gradients are averaged by DistributedDataParallel; every mean (losses,
+    whitening, the KL fed to the controller, the metrics) is taken over the
+    whole global batch from summed sums and counts. Every rank therefore holds
+    the same beta at every step and returns the same metrics, and a run on N
+    processes computes what one process computes on the same global batch.
+    Only rank 0 writes files.
     """
     if not prompts:
         raise ValueError("prompts must hold at least one prompt, got none")
+    world = World.current()
+    n_prompts_per_step = cfg.batch_size // cfg.group_size
+    if n_prompts_per_step % world.size or (cfg.batch_size // world.size) % cfg.minibatches:
+        raise ValueError(
+            f"config batch_size {cfg.batch_size} (= {n_prompts_per_step} prompts x group_size {cfg.group_size}) must split "
+            f"into {world.size} processes of whole prompt groups, each a multiple of minibatches ({cfg.minibatches})"
+        )
     out = Path(cfg.out)
     check_writable(out)
     device = torch.device(cfg.device)
@@ -138,8 +169,16 @@ def train(
     policy.to(device).eval()  # eval(): no dropout, so sampled and trained log-probs agree
     ref = (ref_policy if ref_policy is not None else copy.deepcopy(policy)).to(device).eval().requires_grad_(False)
     critic = ValueModel.from_policy(policy).to(device).eval() if cfg.advantage == "gae" else None
-    policy_opt = torch.optim.AdamW(policy.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    critic_opt = torch.optim.AdamW(critic.parameters(), lr=cfg.critic_lr) if critic else None
+    # Forward passes that are differentiated go through the DDP wrappers (gradient all-reduce);
+    # sampling and no-grad scoring use the bare models.
+    train_policy, train_critic = world.wrap(policy), world.wrap(critic) if critic else None
+    # bf16/fp16 models: the optimizers step fp32 master copies (see klbelt.rl.precision)
+    policy_master, critic_master = MasterWeights(policy), MasterWeights(critic) if critic else None
+    policy_opt = torch.optim.AdamW(policy_master.params(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    critic_opt = torch.optim.AdamW(critic_master.params(), lr=cfg.critic_lr) if critic else None
+    # A full disk must stop the run now, not at its first checkpoint: room for two checkpoints
+    # (the one being written beside the last one) and the logs.
+    check_writable(out, need_bytes=2 * checkpoint_bytes(policy_master, critic_master) + (16 << 20))
     controller = make_controller(cfg)
     sample_gen = torch.Generator(device=device).manual_seed(cfg.seed)
     shuffle_gen = torch.Generator().manual_seed(cfg.seed + 1)
@@ -150,9 +189,12 @@ def train(
     metrics_log, samples_log = JsonlLog(out / "metrics.jsonl"), JsonlLog(out / "samples.jsonl")
     ckpt_path = out / "checkpoint.pt"
     start = 0
+    if resume and not ckpt_path.exists():
+        # killed before its first checkpoint: nothing to continue from, and the run is
+        # deterministic, so starting it over finishes it exactly as an uninterrupted run would
+        warnings.warn(f"resume: no checkpoint in {out} yet; starting the run from step 0", RuntimeWarning)
+        resume = False
     if resume:
-        if not ckpt_path.exists():
-            raise ValueError(f"resume: no checkpoint in {out} (expected {ckpt_path})")
         state = torch.load(ckpt_path, map_location=device, weights_only=False)
         if state["ref_fingerprint"] != fingerprint(ref):
             raise ValueError(
@@ -160,33 +202,39 @@ def train(
                 "resume with the same model (the policy's weights come from the checkpoint)"
             )
         policy.load_state_dict(state["policy"])
+        policy_master.load_state_dict(state.get("policy_master"))
         policy_opt.load_state_dict(state["policy_opt"])
         if critic:
             critic.load_state_dict(state["critic"])
+            critic_master.load_state_dict(state.get("critic_master"))
             critic_opt.load_state_dict(state["critic_opt"])
         controller.load_state_dict(state["controller"])
         sample_gen.set_state(state["sample_gen"])
         shuffle_gen.set_state(state["shuffle_gen"])
         torch.set_rng_state(state["torch_rng"])
         start = state["step"]
-    else:
-        for log in (metrics_log, samples_log):
-            log.path.unlink(missing_ok=True)
-    metrics_log.keep_steps_before(start)
-    samples_log.keep_steps_before(start)
-    monitor = KLMonitor(sinks=(), warn=warn_alerts)
+    replayed = [r for r in read_jsonl(metrics_log.path) if r["step"] < start] if start else []
+    if world.is_main:
+        if not resume:
+            for log in (metrics_log, samples_log):
+                log.path.unlink(missing_ok=True)
+        metrics_log.keep_steps_before(start)
+        samples_log.keep_steps_before(start)
+        atomic_write_text(out / "config.json", json.dumps(cfg.to_dict(), indent=2) + "\n")
+    monitor = KLMonitor(sinks=(), warn=warn_alerts and world.is_main)
     replay = KLMonitor(sinks=(), warn=False)  # re-derive the rules' state of a resumed run, silently
-    for old in read_jsonl(metrics_log.path) if start else []:
+    for old in replayed:
         replay.log_metrics(old["step"], {k: v for k, v in old.items() if k != "alerts"})
     monitor.history, monitor.engine = replay.history, replay.engine
-    atomic_write_text(out / "config.json", json.dumps(cfg.to_dict(), indent=2) + "\n")
 
     def save_checkpoint(next_step: int) -> None:
         state = {
             "step": next_step,
             "policy": policy.state_dict(),
+            "policy_master": policy_master.state_dict(),
             "policy_opt": policy_opt.state_dict(),
             "critic": critic.state_dict() if critic else None,
+            "critic_master": critic_master.state_dict() if critic else None,
             "critic_opt": critic_opt.state_dict() if critic else None,
             "controller": controller.state_dict(),
             "sample_gen": sample_gen.get_state(),
@@ -198,20 +246,24 @@ def train(
         atomic_torch_save(state, ckpt_path)
 
     ref_print = fingerprint(ref)
-    n_prompts_per_step = cfg.batch_size // cfg.group_size
+    group = world.group
+    rows = world.shard(cfg.batch_size)  # this rank's rows of the global batch
     history = []
     for step in range(start, cfg.steps):
         t0 = time.perf_counter()
         kl_coef = float(controller.kl_coef)
 
         # 1. Rollouts: sample responses; keep the sampling log-probs as the "old" policy's.
+        #    Every rank tokenizes the global batch and draws the global batch's uniforms
+        #    (same padding, same random stream), then samples its own rows.
         idx = prompt_indices(step, len(prompts), n_prompts_per_step, cfg.seed)
         batch_prompts = [prompts[i] for i in idx for _ in range(cfg.group_size)]
         enc = tokenizer(batch_prompts, return_tensors="pt", padding=True)
+        uniforms = torch.rand(cfg.batch_size, cfg.max_new_tokens, generator=sample_gen, device=device)
         roll = sample(
             policy,
-            enc["input_ids"].to(device),
-            enc["attention_mask"].to(device),
+            enc["input_ids"][rows].to(device),
+            enc["attention_mask"][rows].to(device),
             max_new_tokens=cfg.max_new_tokens,
             temperature=cfg.temperature,
             top_k=cfg.top_k,
@@ -220,7 +272,7 @@ def train(
             stop_on_eos=cfg.stop_on_eos,
             blocked_token_ids=(eos,) if cfg.block_eos and eos is not None else (),
             pad_token_id=tokenizer.pad_token_id,
-            generator=sample_gen,
+            uniforms=uniforms[rows],
         )
         mask = roll.response_mask
         texts = tokenizer.batch_decode(roll.responses * mask.long() + tokenizer.pad_token_id * (1 - mask.long()), skip_special_tokens=True)
@@ -246,79 +298,107 @@ def train(
             baseline = totals.mean(-1, keepdim=True).expand_as(totals).reshape(-1, 1)
             advantages, returns = (to_go - baseline) * mask, None
         if cfg.whiten_advantages:
-            advantages = whiten(advantages, mask)
+            advantages = whiten(advantages, mask, group=group)
 
-        # 4. PPO: epochs x minibatches of clipped policy (and value) updates.
+        # 4. PPO: epochs x minibatches of clipped policy (and value) updates. Losses are
+        #    global means (sum over ranks / global count); DDP averages gradients over the
+        #    ranks, so each rank's loss is scaled by the number of ranks to give the gradient
+        #    of the global mean.
         stats = []
-        mb_size = cfg.batch_size // cfg.minibatches
+        local_batch = rows.stop - rows.start
         for _ in range(cfg.ppo_epochs):
-            order = torch.randperm(cfg.batch_size, generator=shuffle_gen).to(device)
-            for mb in order.split(mb_size):
+            order = torch.randperm(local_batch, generator=shuffle_gen).to(device)
+            for mb in order.split(local_batch // cfg.minibatches):
                 mb_roll = roll.select(mb)
-                logprobs, entropy = response_logprobs(policy, mb_roll, cfg.temperature, with_entropy=True)
-                pg_loss, pg_stats = ppo_policy_loss(logprobs, old_logprobs[mb], advantages[mb], mask[mb], cfg.clip_range)
+                logprobs, entropy = response_logprobs(train_policy, mb_roll, cfg.temperature, with_entropy=True)
+                pg_loss, pg_stats = ppo_policy_loss(logprobs, old_logprobs[mb], advantages[mb], mask[mb], cfg.clip_range, group=group)
                 loss = pg_loss
                 if cfg.kl_in == "loss":
                     kl_term = kl_per_token(logprobs, ref_logprobs[mb], cfg.kl_estimator)
-                    loss = loss + kl_coef * aggregate(kl_term, mask[mb], "token-mean")
+                    loss = loss + kl_coef * aggregate(kl_term, mask[mb], "token-mean", group=group)
+                entropy_mean = aggregate(entropy, mask[mb], "token-mean", group=group)
                 if cfg.entropy_coef:
-                    loss = loss - cfg.entropy_coef * aggregate(entropy, mask[mb], "token-mean")
-                check_finite(loss, "policy", step, ckpt_path)
-                loss.backward()
-                torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.max_grad_norm)
+                    loss = loss - cfg.entropy_coef * entropy_mean
+                check_finite(loss, "policy", step, ckpt_path)  # a global value: every rank stops together
+                (loss * world.size).backward()
+                policy_master.grads_to_master()
+                torch.nn.utils.clip_grad_norm_(policy_master.params(), cfg.max_grad_norm)
                 policy_opt.step()
                 policy_opt.zero_grad(set_to_none=True)  # free the gradients before the critic's pass
+                policy_master.to_model()
                 vf_loss = torch.zeros(())
                 if critic:
-                    vf_loss = ppo_value_loss(critic(mb_roll), old_values[mb], returns[mb], mask[mb], cfg.value_clip)
+                    vf_loss = ppo_value_loss(train_critic(mb_roll), old_values[mb], returns[mb], mask[mb], cfg.value_clip, group=group)
                     check_finite(vf_loss, "value", step, ckpt_path)
-                    (cfg.vf_coef * vf_loss).backward()
-                    torch.nn.utils.clip_grad_norm_(critic.parameters(), cfg.max_grad_norm)
+                    (cfg.vf_coef * world.size * vf_loss).backward()
+                    critic_master.grads_to_master()
+                    torch.nn.utils.clip_grad_norm_(critic_master.params(), cfg.max_grad_norm)
                     critic_opt.step()
                     critic_opt.zero_grad(set_to_none=True)
-                stats.append(torch.stack([pg_loss.detach(), vf_loss.detach(), pg_stats["clip_frac"], pg_stats["approx_kl"], aggregate(entropy, mask[mb])]))
+                    critic_master.to_model()
+                stats.append(torch.stack([pg_loss.detach(), vf_loss.detach(), pg_stats["clip_frac"], pg_stats["approx_kl"], entropy_mean.detach()]))
 
         # 5. The KL belt: feed the observed KL, in the controller's unit, to the controller.
-        observed_kl = shaped.kl_mean if controller.unit == "token-mean" else shaped.kl_seq_mean
+        #    Global sum / global count over all ranks (one all-reduce): the same number, and so
+        #    the same beta, on every rank.
+        if controller.unit == "token-mean":
+            kl_sum, kl_count = (shaped.kl * mask).sum(), mask.sum()
+        else:  # nats per sequence: the mean over sequences with at least one token
+            kl_sum, kl_count = (shaped.kl * mask).sum(), (mask.sum(-1) > 0).sum()
+        observed_kl = global_observed_kl(kl_sum, kl_count, group=group)
         controller.update(float(observed_kl), n_steps=cfg.batch_size)
 
-        # 6. Metrics (one object per update, via the KL monitor and its health rules),
-        #    samples, checkpoint.
+        # 6. Metrics (one object per update, via the KL monitor and its health rules) from the
+        #    global batch gathered on every rank, samples, checkpoint.
         pg, vf, clip_frac, approx_kl, entropy_mean = torch.stack(stats).mean(0).tolist()
-        k3 = aggregate(kl_per_token(old_logprobs, ref_logprobs, "k3") * mask, mask)
+        k3 = aggregate(kl_per_token(old_logprobs, ref_logprobs, "k3") * mask, mask, group=group)
+        gold = gold_fn(texts, ref_nll.cpu()) if gold_fn else None
+        per_seq = [scores, ref_nll, mask.sum(-1)] + ([torch.as_tensor(gold, dtype=torch.float32, device=device)] if gold_fn else [])
+        per_seq = world.gather_rows(torch.stack([v.float() for v in per_seq], -1))
+        per_token = world.gather_rows(pad_to(torch.stack([shaped.kl, mask], -1), cfg.max_new_tokens))
+        texts = world.gather_list(texts)
         record = monitor.log_step(
             step,
-            kl=shaped.kl,
-            mask=mask,
+            kl=per_token[..., 0].contiguous(),
+            mask=per_token[..., 1].contiguous(),
             kl_coef=kl_coef,
-            reward=scores,
-            gold_reward=gold_fn(texts, ref_nll.cpu()) if gold_fn else None,
+            reward=per_seq[:, 0],
+            gold_reward=per_seq[:, 3] if gold_fn else None,
             entropy=entropy_mean,
             kl_k3=float(k3),
             next_kl_coef=float(controller.kl_coef),
             exclaim_rate=exclaim_rate(texts),
             distinct_1=distinct_n(texts, 1),
             distinct_2=distinct_n(texts, 2),
-            ref_nll=float(ref_nll.mean()),
-            response_len=float(mask.sum(-1).mean()),
+            ref_nll=float(per_seq[:, 1].mean()),
+            response_len=float(per_seq[:, 2].mean()),
             pg_loss=pg,
             vf_loss=vf,
             clip_frac=clip_frac,
             approx_kl=approx_kl,
             seconds=time.perf_counter() - t0,
         )
-        metrics_log.append(record)
-        if step % cfg.samples_every == 0 or step == cfg.steps - 1:
-            samples_log.append({"step": step, "prompts": batch_prompts[:4], "responses": texts[:4], "rewards": scores[:4].tolist()})
-        if (step + 1) % cfg.checkpoint_every == 0 or step == cfg.steps - 1:
-            metrics_log.sync()
-            samples_log.sync()
-            save_checkpoint(step + 1)
+        if world.is_main:
+            metrics_log.append(record)
+            if step % cfg.samples_every == 0 or step == cfg.steps - 1:
+                samples_log.append({"step": step, "prompts": batch_prompts[:4], "responses": texts[:4], "rewards": per_seq[:4, 0].tolist()})
+            if (step + 1) % cfg.checkpoint_every == 0 or step == cfg.steps - 1:
+                metrics_log.sync()
+                samples_log.sync()
+                save_checkpoint(step + 1)
         history.append(record)
         if on_step:
             on_step(record)
-    write_run_report(out)
+    if world.is_main:
+        write_run_report(out)
     return history
+
+
+def pad_to(x: torch.Tensor, length: int) -> torch.Tensor:
+    """Zero-pad dim 1 of ``x`` ``[B, R, ...]`` to ``length`` (ranks' responses may end at different lengths)."""
+    if x.shape[1] == length:
+        return x
+    return torch.cat([x, x.new_zeros(x.shape[0], length - x.shape[1], *x.shape[2:])], dim=1)
 
 
 def write_run_report(out: Path) -> Path | None:

@@ -48,6 +48,9 @@ def shape_rewards(
     mask: torch.Tensor,
     kl_coef,
     estimator: str = "k1",
+    *,
+    log_ratio_clamp: float | None = None,
+    clamp_gradient: str = "zero",
 ) -> ShapedRewards:
     r"""Shape sequence scores into per-token rewards with a KL penalty.
 
@@ -67,6 +70,13 @@ def shape_rewards(
             padding and early EOS: only the positions of ones matter).
         kl_coef: beta >= 0 (float or 0-d tensor).
         estimator: ``"k1"`` (default), ``"k2"``, ``"k3"`` or ``"abs"``.
+        log_ratio_clamp: ``None`` (default, off) or ``c > 0``: the per-token
+            log-ratio is clamped to ``[-c, c]`` before the estimator, so each
+            token's penalty is bounded (at most ``beta * c`` in size for k1):
+            one drifted token cannot swamp the score. See :func:`klbelt.kl_per_token`.
+        clamp_gradient: ``"zero"`` or ``"pass"``, passed to
+            :func:`klbelt.kl_per_token`. The rewards are detached, so it does not
+            change them; it is here for one signature across both functions.
 
     Returns:
         :class:`ShapedRewards`. Inputs are detached: rewards are constants for
@@ -84,7 +94,8 @@ def shape_rewards(
     # Padding positions may hold anything (0, NaN, garbage): only valid tokens are read.
     zero = torch.zeros((), dtype=logprobs.dtype, device=logprobs.device)
     kl = kl_per_token(
-        torch.where(m > 0, logprobs.detach(), zero), torch.where(m > 0, ref_logprobs.detach(), zero), estimator
+        torch.where(m > 0, logprobs.detach(), zero), torch.where(m > 0, ref_logprobs.detach(), zero), estimator,
+        log_ratio_clamp=log_ratio_clamp, clamp_gradient=clamp_gradient,
     )
     _checks.finite("scores", scores)
     kl_coef = _checks.scalar("kl_coef", kl_coef, nonnegative=True)

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import os
-import tempfile
 
 import numpy as np
 
+from .._files import atomic_write
 from .compare import DEFAULT_REF, DEFAULT_REWARD
 from .testbed import check_problem, max_kl, optimum, simulate
 
@@ -101,15 +101,9 @@ def plot_beta_effect(out, ref_probs=DEFAULT_REF, reward=DEFAULT_REWARD, betas=AR
     fig.tight_layout()
 
     out = os.fspath(out)
-    directory = os.path.dirname(os.path.abspath(out))
-    suffix = os.path.splitext(out)[1] or ".png"
-    fd, tmp = tempfile.mkstemp(prefix=".klbelt-plot-", suffix=suffix, dir=directory)
-    os.close(fd)
+    image_format = os.path.splitext(out)[1].lstrip(".").lower() or "png"
     try:
-        fig.savefig(tmp, dpi=100)
-        os.replace(tmp, out)
+        atomic_write(out, "wb", lambda f: fig.savefig(f, format=image_format, dpi=100))
     finally:
         plt.close(fig)
-        if os.path.exists(tmp):
-            os.remove(tmp)
     return data
