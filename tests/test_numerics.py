@@ -410,3 +410,26 @@ def test_training_a_low_precision_policy_gives_finite_metrics_and_moves_its_weig
     assert moved > 0.5 * sum(b.numel() for b in before)
     state = torch.load(tmp_path / "checkpoint.pt", weights_only=False)
     assert all(m.dtype == torch.float32 for m in state["policy_master"])
+
+
+@pytest.mark.parametrize("kl_in,estimator", [("reward", "k1"), ("loss", "k3")])
+def test_trainer_clamp_changes_the_objective_but_the_logged_and_controlled_kl_stays_the_true_one(tmp_path, tok, kl_in, estimator):
+    from klbelt.rl.config import TrainConfig
+    from klbelt.rl.trainer import train
+    from tiny_models import tiny_gpt2
+
+    def reward_fn(texts):
+        return torch.zeros(len(texts))
+
+    def run(name, **clamp):
+        cfg = TrainConfig(steps=1, batch_size=8, max_new_tokens=4, kl_in=kl_in, kl_estimator=estimator, kl_coef=1.0,
+                          controller="pid", checkpoint_every=1000, whiten_advantages=False, out=str(tmp_path / name), **clamp)
+        policy, ref = tiny_gpt2(len(tok), seed=0), tiny_gpt2(len(tok), seed=7)  # far apart: large log-ratios
+        record = train(cfg, policy, tok, ["a", "b c"], reward_fn, ref_policy=ref, warn_alerts=False)[0]
+        return record, torch.cat([p.detach().reshape(-1) for p in policy.parameters()])
+
+    (free, free_w), (clamped, clamped_w) = run("free"), run("clamped", log_ratio_clamp=0.05)
+    assert free["kl_max"] > 0.05  # the clamp bites on some tokens
+    for key in ("kl", "kl_max", "kl_seq", "next_kl_coef"):
+        assert clamped[key] == free[key], key  # true KL: same samples, same metrics, same beta update
+    assert not torch.equal(clamped_w, free_w)  # but the penalty the policy optimises is the clamped one

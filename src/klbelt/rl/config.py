@@ -34,6 +34,8 @@ class TrainConfig:
     target_kl: float = 0.05  # controller target, in the controller's unit (kl_unit)
     kl_unit: str = "token-mean"  # "token-mean" (nats/token) or "seq-sum" (nats/sequence) for the controller
     horizon: int = 10000  # proportional controller horizon (sequences)
+    log_ratio_clamp: float | None = None  # off; c > 0 clamps each token's log-ratio to [-c, c] in the KL penalty
+    clamp_gradient: str = "zero"  # clamped tokens' gradient: "zero" (plain clamp) or "pass" (straight-through)
     # --- advantages and PPO
     advantage: str = "gae"  # "gae" (value model) or "group" (critic-free baseline over each group)
     gamma: float = 1.0  # discount
@@ -62,6 +64,7 @@ class TrainConfig:
             "controller": ("fixed", "adaptive", "proportional", "pid"),
             "kl_unit": ("token-mean", "seq-sum"),
             "advantage": ("gae", "group"),
+            "clamp_gradient": ("zero", "pass"),
         }
         for name, valid in choices.items():
             value = getattr(self, name)
@@ -78,6 +81,11 @@ class TrainConfig:
                 raise ValueError(f"config {name} must be a finite number > 0, got {value!r}")
         if not (isinstance(self.kl_coef, (int, float)) and 0 <= self.kl_coef < float("inf")):
             raise ValueError(f"config kl_coef must be a finite number >= 0, got {self.kl_coef!r}")
+        if self.log_ratio_clamp is not None and not (
+            isinstance(self.log_ratio_clamp, (int, float)) and not isinstance(self.log_ratio_clamp, bool)
+            and 0 < self.log_ratio_clamp < float("inf")
+        ):
+            raise ValueError(f"config log_ratio_clamp must be null (off) or a finite number > 0, got {self.log_ratio_clamp!r}")
         if self.batch_size % self.group_size:
             raise ValueError(f"config batch_size ({self.batch_size}) must be a multiple of group_size ({self.group_size})")
         if self.advantage == "group" and self.group_size < 2:

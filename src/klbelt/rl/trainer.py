@@ -288,7 +288,10 @@ def train(
 
         # 3. Rewards: -beta * k1 per token plus the score on the last token ("reward"),
         #    or the score alone with the KL term in the loss ("loss"). Then advantages.
-        shaped = shape_rewards(scores, old_logprobs, ref_logprobs, mask, kl_coef if cfg.kl_in == "reward" else 0.0, "k1")
+        shaped = shape_rewards(scores, old_logprobs, ref_logprobs, mask, kl_coef if cfg.kl_in == "reward" else 0.0, "k1",
+                               log_ratio_clamp=cfg.log_ratio_clamp, clamp_gradient=cfg.clamp_gradient)
+        # the KL the controller and the metrics see is never clamped: it is the run's true drift
+        kl = (old_logprobs - ref_logprobs) * mask if cfg.log_ratio_clamp else shaped.kl
         if critic:
             advantages, returns = gae(shaped.rewards, old_values, mask, cfg.gamma, cfg.lam)
         else:
@@ -314,7 +317,8 @@ def train(
                 pg_loss, pg_stats = ppo_policy_loss(logprobs, old_logprobs[mb], advantages[mb], mask[mb], cfg.clip_range, group=group)
                 loss = pg_loss
                 if cfg.kl_in == "loss":
-                    kl_term = kl_per_token(logprobs, ref_logprobs[mb], cfg.kl_estimator)
+                    kl_term = kl_per_token(logprobs, ref_logprobs[mb], cfg.kl_estimator,
+                                           log_ratio_clamp=cfg.log_ratio_clamp, clamp_gradient=cfg.clamp_gradient)
                     loss = loss + kl_coef * aggregate(kl_term, mask[mb], "token-mean", group=group)
                 entropy_mean = aggregate(entropy, mask[mb], "token-mean", group=group)
                 if cfg.entropy_coef:
@@ -342,9 +346,9 @@ def train(
         #    Global sum / global count over all ranks (one all-reduce): the same number, and so
         #    the same beta, on every rank.
         if controller.unit == "token-mean":
-            kl_sum, kl_count = (shaped.kl * mask).sum(), mask.sum()
+            kl_sum, kl_count = (kl * mask).sum(), mask.sum()
         else:  # nats per sequence: the mean over sequences with at least one token
-            kl_sum, kl_count = (shaped.kl * mask).sum(), (mask.sum(-1) > 0).sum()
+            kl_sum, kl_count = (kl * mask).sum(), (mask.sum(-1) > 0).sum()
         observed_kl = global_observed_kl(kl_sum, kl_count, group=group)
         controller.update(float(observed_kl), n_steps=cfg.batch_size)
 
@@ -355,7 +359,7 @@ def train(
         gold = gold_fn(texts, ref_nll.cpu()) if gold_fn else None
         per_seq = [scores, ref_nll, mask.sum(-1)] + ([torch.as_tensor(gold, dtype=torch.float32, device=device)] if gold_fn else [])
         per_seq = world.gather_rows(torch.stack([v.float() for v in per_seq], -1))
-        per_token = world.gather_rows(pad_to(torch.stack([shaped.kl, mask], -1), cfg.max_new_tokens))
+        per_token = world.gather_rows(pad_to(torch.stack([kl, mask], -1), cfg.max_new_tokens))
         texts = world.gather_list(texts)
         record = monitor.log_step(
             step,
