@@ -169,9 +169,16 @@ def test_klbelt_train_nproc_2_matches_one_process_and_resumes_after_sigkill(tmp_
     proc.wait(30)
     assert 4 <= len(metrics.read_text().splitlines()) < 6, "the kill must land mid-run"
     assert torch.load(killed / "checkpoint.pt", weights_only=False)["step"] == 4
+    import shutil
+
+    shutil.copytree(killed, tmp_path / "killed-then-one")
     again = _cli("--resume", str(killed), "--nproc", "2")
     assert again.returncode == 0, again.stderr
     assert rows(killed) == rows(two)
+    # the checkpoint holds no per-rank state: the same run resumed on 1 process ends the same
+    again = _cli("--resume", str(tmp_path / "killed-then-one"))
+    assert again.returncode == 0, again.stderr
+    _assert_close(rows(tmp_path / "killed-then-one"), rows(two), rel=1e-4)
 
 
 def test_nproc_refuses_a_batch_that_does_not_split_before_starting_any_process(tmp_path, model_dir):
