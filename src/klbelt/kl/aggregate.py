@@ -45,7 +45,10 @@ def aggregate(
     summed over the ranks in one all-reduce, so the result is the global one on
     the concatenated batch (not a mean of per-rank means) and is identical on
     every rank. Gradients flow to the local values (with the global
-    denominator); the all-reduce itself is not differentiated.
+    denominator); the all-reduce itself is not differentiated. So the *sum*
+    over ranks of the local gradients is the gradient of the global value:
+    under DDP, FSDP or DeepSpeed, which *average* gradients over ranks,
+    multiply the loss by the world size (klbelt's trainer does).
 
     Args:
         values: ``[B, T]`` (or ``[..., T]``) floating tensor.

@@ -393,6 +393,7 @@ def train(
         history.append(record)
         if on_step:
             on_step(record)
+    del train_policy, train_critic  # drop the DDP wrappers (and their hooks) before the caller ends the process group
     if world.is_main:
         write_run_report(out)
     return history
