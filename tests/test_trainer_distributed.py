@@ -188,3 +188,12 @@ def test_nproc_refuses_a_batch_that_does_not_split_before_starting_any_process(t
     assert done.returncode == 2
     assert "--nproc 2" in done.stderr and "split evenly" in done.stderr
     assert not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+def test_nproc_reports_a_bad_input_found_by_the_workers_once_without_the_launchers_traceback(tmp_path):
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps(dict(model=str(tmp_path / "no-model"), steps=1, batch_size=2, out=str(tmp_path / "run"))))
+    done = _cli("--config", str(config), "--nproc", "2")
+    assert done.returncode == 2
+    assert done.stderr.count("klbelt train: error: model") == 1, done.stderr
+    assert "Traceback" not in done.stderr and "ChildFailedError" not in done.stderr

@@ -114,7 +114,14 @@ def load_reward(name: str):
 
 
 def launch(args, cfg) -> int:
-    """``--nproc N``: re-run this command under torchrun with N processes on this machine."""
+    """``--nproc N``: re-run this command under torchrun with N processes on this machine.
+
+    The workers' output is passed through; torchrun's own report of a failed
+    worker (a traceback of the launcher) is shown only when no worker said
+    what went wrong. A worker's bad-input error ends this command with exit 2.
+    """
+    import os
+    import re
     import subprocess
     import sys
 
@@ -128,7 +135,24 @@ def launch(args, cfg) -> int:
     for flag in ("config", "model", "out", "resume"):
         if getattr(args, flag):
             cmd += [f"--{flag}", str(getattr(args, flag))]
-    return subprocess.run(cmd).returncode
+    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}  # torchrun's default, without its banner
+    launcher_line = re.compile(r"^[WEI]\d{4} \d\d:\d\d:\d\d")  # torchrun's agent logging
+    proc = subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE, text=True, bufsize=1)
+    errors, held, launcher_talking = [], [], False
+    for line in proc.stderr:
+        launcher_talking = launcher_talking or bool(launcher_line.match(line))
+        if line.startswith("klbelt train: error:"):
+            if line not in errors:  # every rank reports the same bad input: say it once
+                errors.append(line)
+                sys.stderr.write(line)
+        elif launcher_talking:
+            held.append(line)
+        else:
+            sys.stderr.write(line)
+    code = proc.wait()
+    if code != 0 and not errors:
+        sys.stderr.writelines(held)
+    return 2 if errors else code
 
 
 def run(args) -> int:
