@@ -11,7 +11,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from klbelt import MODES, aggregate
+from klbelt import MODES, aggregate, aggregate_many
 
 NAN, INF = float("nan"), float("inf")
 
@@ -152,6 +152,20 @@ def _dist_worker(rank: int, world_size: int, init_file: str, out_dir: str) -> No
             out = aggregate(v, torch.tensor(mask), mode, group=dist.group.WORLD)
             out.backward()
             results[mode] = (out.detach(), v.grad)
+        # all three modes at once: one all-reduce, same values and gradients
+        calls = []
+        real_all_reduce = dist.all_reduce
+
+        def counting_all_reduce(*args, **kwargs):
+            calls.append(1)
+            return real_all_reduce(*args, **kwargs)
+
+        dist.all_reduce = counting_all_reduce
+        v = torch.tensor(values, dtype=torch.float64, requires_grad=True)
+        outs = aggregate_many([v, v * 2, v], torch.tensor(mask), list(MODES), group=dist.group.WORLD)
+        dist.all_reduce = real_all_reduce
+        sum(outs).backward()
+        results["many"] = ([o.detach() for o in outs], v.grad, len(calls))
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
@@ -185,7 +199,34 @@ def test_global_reduction_over_two_gloo_ranks_equals_the_concatenated_batch(tmp_
             torch.testing.assert_close(per_rank[r][mode][1], v.grad[row : row + n_rows, :width], rtol=1e-14, atol=0)
             row += n_rows
 
+    # aggregate_many: one all-reduce for all three, each value as aggregate gives it (the second is x2)
+    for r in range(world_size):
+        outs, grad, n_calls = per_rank[r]["many"]
+        assert n_calls == 1
+        for i, mode in enumerate(MODES):
+            assert outs[i].item() == pytest.approx(per_rank[r][mode][0].item() * (2 if i == 1 else 1), rel=1e-14)
+        expected_grad = sum(per_rank[r][mode][1] * (2 if i == 1 else 1) for i, mode in enumerate(MODES))
+        torch.testing.assert_close(grad, expected_grad, rtol=1e-14, atol=1e-15)
+
     # and it is not the mean of the per-rank results
     for mode in MODES:
         local = [aggregate(torch.tensor(vals, dtype=torch.float64), torch.tensor(m), mode).item() for vals, m in RANK_DATA]
         assert per_rank[0][mode][0].item() != pytest.approx(sum(local) / 2, rel=1e-6)
+
+
+def test_aggregate_many_without_a_group_is_a_list_of_aggregates():
+    values = torch.tensor([[1.0, 2.0, 3.0], [4.0, NAN, NAN]])
+    mask = torch.tensor([[1, 1, 0], [1, 0, 0]])
+    outs = aggregate_many([values, values.square()], mask, ["token-mean", "seq-mean-token-sum"])
+    assert outs[0].item() == aggregate(values, mask, "token-mean").item() == pytest.approx(7 / 3)
+    assert outs[1].item() == aggregate(values.square(), mask, "seq-mean-token-sum").item() == pytest.approx((5 + 16) / 2)
+
+
+def test_aggregate_many_names_a_bad_value_and_refuses_mismatched_modes():
+    mask = torch.ones(2, 3)
+    with pytest.raises(ValueError, match=r"values\[1\]"):
+        aggregate_many([torch.zeros(2, 3), torch.zeros(2, 4)], mask, ["token-mean", "token-mean"])
+    with pytest.raises(ValueError, match="one mode per value"):
+        aggregate_many([torch.zeros(2, 3)], mask, ["token-mean", "token-mean"])
+    with pytest.raises(TypeError, match="non-empty list"):
+        aggregate_many([], mask, [])

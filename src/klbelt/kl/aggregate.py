@@ -59,26 +59,52 @@ def aggregate(
     Returns:
         0-d tensor of ``values``' dtype.
     """
-    _checks.tensor("values", values, floating=True)
-    _checks.min_dim("values", values, 1, "[..., T]")
-    m = _checks.mask_like("mask", mask, "values", values)
-    _checks.choice("mode", mode, MODES)
+    return aggregate_many([values], mask, [mode], group=group)[0]
+
+
+def _sums(name: str, values: torch.Tensor, m: torch.Tensor, mode: str) -> torch.Tensor:
+    """Local ``[numerator, count]`` of one mode (see :func:`aggregate`), in ``values``' dtype."""
+    _checks.tensor(name, values, floating=True)
+    _checks.min_dim(name, values, 1, "[..., T]")
+    _checks.same_shape(name, values, "mask", m)
+    masked = torch.where(m > 0, values, torch.zeros((), dtype=values.dtype, device=values.device))
+    _checks.finite(f"{name} (at valid mask positions)", masked.detach())
+    if mode == "token-mean":
+        return torch.stack([masked.sum(), m.sum().to(values.dtype)])
+    row_sum = masked.sum(-1)
+    is_seq = m.sum(-1) > 0
+    per_row = row_sum / m.sum(-1).clamp_min(1) if mode == "seq-mean-token-mean" else row_sum
+    return torch.stack([torch.where(is_seq, per_row, 0.0).sum(), is_seq.to(values.dtype).sum()])
+
+
+def aggregate_many(
+    values: list[torch.Tensor],
+    mask: torch.Tensor,
+    modes: list[str],
+    group=None,
+) -> list[torch.Tensor]:
+    """``[aggregate(v, mask, mode, group) for v, mode in zip(values, modes)]`` with **one** all-reduce.
+
+    Each global reduction costs a network round trip whatever its size, so a
+    loss and its statistics over the same mask are best reduced together: the
+    numerators and counts of all of them travel in one float64 all-reduce.
+    Results and gradients are those of :func:`aggregate`.
+    """
+    if not isinstance(values, (list, tuple)) or not values:
+        raise TypeError(f"values must be a non-empty list of tensors, got {type(values).__name__}")
+    if len(modes) != len(values):
+        raise ValueError(f"modes must give one mode per value: {len(values)} values, {len(modes)} modes")
+    m = _checks.mask_like("mask", mask, "values", _checks.tensor("values", values[0], floating=True))
+    for mode in modes:
+        _checks.choice("mode", mode, MODES)
     if group is not None:
         import torch.distributed as dist
 
         if not (dist.is_available() and dist.is_initialized()):
             raise ValueError("group was given but torch.distributed is not initialized (call init_process_group first)")
-    masked = torch.where(m > 0, values, torch.zeros((), dtype=values.dtype, device=values.device))
-    _checks.finite("values (at valid mask positions)", masked.detach())
-    if mode == "token-mean":
-        stats = torch.stack([masked.sum(), m.sum()])
-    else:
-        row_sum = masked.sum(-1)
-        row_n = m.sum(-1)
-        is_seq = row_n > 0
-        per_row = row_sum / row_n.clamp_min(1) if mode == "seq-mean-token-mean" else row_sum
-        stats = torch.stack([torch.where(is_seq, per_row, 0.0).sum(), is_seq.to(values.dtype).sum()])
+    names = ["values"] if len(values) == 1 else [f"values[{i}]" for i in range(len(values))]
+    stats = [_sums(name, v, m, mode) for name, v, mode in zip(names, values, modes)]
     if group is not None:
-        stats = _all_reduce_sum(stats, group)
-    numerator, count = stats[0], stats[1].detach()
-    return numerator / count.clamp_min(1)
+        reduced = _all_reduce_sum(torch.cat([s.double() for s in stats]), group)
+        stats = [reduced[2 * i : 2 * i + 2].to(s.dtype) for i, s in enumerate(stats)]
+    return [s[0] / s[1].detach().clamp_min(1) for s in stats]

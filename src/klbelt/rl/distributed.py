@@ -52,6 +52,16 @@ class World:
         per_rank = n // self.size
         return slice(self.rank * per_rank, (self.rank + 1) * per_rank)
 
+    def all_sum(self, local: torch.Tensor) -> torch.Tensor:
+        """``local`` summed over the ranks (one all-reduce; e.g. a step's sums and counts, stacked)."""
+        if self.size == 1:
+            return local
+        import torch.distributed as dist
+
+        total = local.clone()
+        dist.all_reduce(total, op=dist.ReduceOp.SUM)
+        return total
+
     def gather_rows(self, local: torch.Tensor) -> torch.Tensor:
         """Concatenate every rank's ``local`` along dim 0, in rank order (same shape on every rank)."""
         if self.size == 1:

@@ -15,7 +15,6 @@ from typing import Callable
 
 import torch
 
-from ..control.distributed import global_observed_kl
 from ..kl import aggregate, kl_per_token
 from ..shaping import shape_rewards
 from .advantages import gae, whiten
@@ -307,7 +306,7 @@ def train(
         #    global means (sum over ranks / global count); DDP averages gradients over the
         #    ranks, so each rank's loss is scaled by the number of ranks to give the gradient
         #    of the global mean.
-        stats = []
+        stats, entropy_sums = [], []
         local_batch = rows.stop - rows.start
         for _ in range(cfg.ppo_epochs):
             order = torch.randperm(local_batch, generator=shuffle_gen).to(device)
@@ -320,9 +319,8 @@ def train(
                     kl_term = kl_per_token(logprobs, ref_logprobs[mb], cfg.kl_estimator,
                                            log_ratio_clamp=cfg.log_ratio_clamp, clamp_gradient=cfg.clamp_gradient)
                     loss = loss + kl_coef * aggregate(kl_term, mask[mb], "token-mean", group=group)
-                entropy_mean = aggregate(entropy, mask[mb], "token-mean", group=group)
                 if cfg.entropy_coef:
-                    loss = loss - cfg.entropy_coef * entropy_mean
+                    loss = loss - cfg.entropy_coef * aggregate(entropy, mask[mb], "token-mean", group=group)
                 check_finite(loss, "policy", step, ckpt_path)  # a global value: every rank stops together
                 (loss * world.size).backward()
                 policy_master.grads_to_master()
@@ -340,26 +338,31 @@ def train(
                     critic_opt.step()
                     critic_opt.zero_grad(set_to_none=True)
                     critic_master.to_model()
-                stats.append(torch.stack([pg_loss.detach(), vf_loss.detach(), pg_stats["clip_frac"], pg_stats["approx_kl"], entropy_mean.detach()]))
+                stats.append(torch.stack([pg_loss.detach(), vf_loss.detach(), pg_stats["clip_frac"], pg_stats["approx_kl"]]))
+                entropy_sums.append(((entropy * mask[mb]).sum(), mask[mb].sum()))  # reduced with the step's sums
 
         # 5. The KL belt: feed the observed KL, in the controller's unit, to the controller.
-        #    Global sum / global count over all ranks (one all-reduce): the same number, and so
-        #    the same beta, on every rank.
-        if controller.unit == "token-mean":
-            kl_sum, kl_count = (kl * mask).sum(), mask.sum()
-        else:  # nats per sequence: the mean over sequences with at least one token
-            kl_sum, kl_count = (kl * mask).sum(), (mask.sum(-1) > 0).sum()
-        observed_kl = global_observed_kl(kl_sum, kl_count, group=group)
-        controller.update(float(observed_kl), n_steps=cfg.batch_size)
+        #    Global sum / global count over all ranks: the same number, and so the same beta, on
+        #    every rank. The step's other global sums (entropy, k3) travel in the same all-reduce.
+        n_seqs = (mask.sum(-1) > 0).sum()
+        entropy_sum, entropy_count = (sum(x) for x in zip(*entropy_sums))
+        k3_sum = (kl_per_token(old_logprobs, ref_logprobs, "k3") * mask).sum()
+        sums = [(kl * mask).sum(), mask.sum() if controller.unit == "token-mean" else n_seqs, entropy_sum, entropy_count, k3_sum, mask.sum()]
+        kl_sum, kl_count, entropy_sum, entropy_count, k3_sum, n_tokens = world.all_sum(torch.stack(sums).double()).tolist()
+        observed_kl = kl_sum / kl_count if kl_count else 0.0  # nats/token, or nats/sequence for "seq-sum"
+        controller.update(observed_kl, n_steps=cfg.batch_size)
 
         # 6. Metrics (one object per update, via the KL monitor and its health rules) from the
         #    global batch gathered on every rank, samples, checkpoint.
-        pg, vf, clip_frac, approx_kl, entropy_mean = torch.stack(stats).mean(0).tolist()
-        k3 = aggregate(kl_per_token(old_logprobs, ref_logprobs, "k3") * mask, mask, group=group)
+        pg, vf, clip_frac, approx_kl = torch.stack(stats).mean(0).tolist()
+        entropy_mean = entropy_sum / max(entropy_count, 1.0)
+        k3 = k3_sum / max(n_tokens, 1.0)
         gold = gold_fn(texts, ref_nll.cpu()) if gold_fn else None
         per_seq = [scores, ref_nll, mask.sum(-1)] + ([torch.as_tensor(gold, dtype=torch.float32, device=device)] if gold_fn else [])
-        per_seq = world.gather_rows(torch.stack([v.float() for v in per_seq], -1))
-        per_token = world.gather_rows(pad_to(torch.stack([kl, mask], -1), cfg.max_new_tokens))
+        per_seq = torch.stack([v.float() for v in per_seq], -1)
+        per_token = pad_to(torch.stack([kl, mask], -1), cfg.max_new_tokens).flatten(1)
+        rows_global = world.gather_rows(torch.cat([per_seq, per_token], -1))  # one gather for both
+        per_seq, per_token = rows_global[:, : per_seq.shape[1]], rows_global[:, per_seq.shape[1] :].unflatten(1, (-1, 2))
         texts = world.gather_list(texts)
         record = monitor.log_step(
             step,
