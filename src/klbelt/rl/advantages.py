@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from ..kl import _checks
-from ..kl.aggregate import aggregate_many
+from ..kl.aggregate import aggregate
 
 
 def gae(
@@ -67,13 +67,11 @@ def whiten(values: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, ep
     the whole batch.
     """
     m = _checks.mask_like("mask", mask, "values", _checks.tensor("values", values, floating=True))
-    # mean and mean square in one (global) reduction, in float64 so E[x^2] - E[x]^2 does not cancel
-    x = values.double()
-    mean, mean_sq = aggregate_many([x, x.square()], m.double(), ["token-mean", "token-mean"], group=group)
-    var = (mean_sq - mean.square()).clamp_min(0)
-    out = (values - mean.to(values.dtype)) * torch.rsqrt(var + eps).to(values.dtype)
+    mean = aggregate(values, m, "token-mean", group=group)
+    var = aggregate((values - mean).square(), m, "token-mean", group=group)  # two passes: no cancellation
+    out = (values - mean) * torch.rsqrt(var + eps)
     if not shift_mean:
-        out = out + mean.to(values.dtype)
+        out = out + mean
     return out * m
 
 
