@@ -138,18 +138,22 @@ def launch(args, cfg) -> int:
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}  # torchrun's default, without its banner
     launcher_line = re.compile(r"^[WEI]\d{4} \d\d:\d\d:\d\d")  # torchrun's agent logging
     proc = subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE, text=True, bufsize=1)
+    prefix = "klbelt train: error:"
     errors, held, launcher_talking = [], [], False
     for line in proc.stderr:
         launcher_talking = launcher_talking or bool(launcher_line.match(line))
-        if line.startswith("klbelt train: error:"):
-            if line not in errors:  # every rank reports the same bad input: say it once
-                errors.append(line)
-                sys.stderr.write(line)
+        if prefix in line:  # (two ranks' lines can arrive merged, or one cut by the launcher's SIGTERM)
+            errors += [part.strip() for part in line.split(prefix)[1:] if part.strip()]
         elif launcher_talking:
             held.append(line)
         else:
             sys.stderr.write(line)
     code = proc.wait()
+    shown: list[str] = []
+    for message in errors:  # every rank reports the same bad input: say it once
+        if not any(s.startswith(message) or message.startswith(s) for s in shown):
+            shown.append(message)
+            sys.stderr.write(f"{prefix} {message}\n")
     if code != 0 and not errors:
         sys.stderr.writelines(held)
     return 2 if errors else code

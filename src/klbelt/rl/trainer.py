@@ -396,7 +396,13 @@ def train(
         history.append(record)
         if on_step:
             on_step(record)
-    del train_policy, train_critic  # drop the DDP wrappers (and their hooks) before the caller ends the process group
+    # drop the DDP wrappers (and their reducers) now, not at some later collection after the
+    # caller has destroyed the process group
+    del train_policy, train_critic
+    if world.size > 1:
+        import gc
+
+        gc.collect()
     if world.is_main:
         write_run_report(out)
     return history
