@@ -16,6 +16,9 @@ class TrainConfig:
     reward: str = "vader"  # "vader" (demo proxy), a local sequence-classification model dir, or "module:function"
     seed: int = 0  # seeds sampling, shuffling and initialisation
     device: str = "cpu"  # torch device of models and tensors
+    lora_rank: int = 0  # 0 = full fine-tune; r > 0 trains LoRA adapters (peft) and scores the reference with them disabled
+    lora_alpha: float | None = None  # LoRA scale numerator (default 2 * lora_rank)
+    bf16: bool = False  # bf16 autocast for the trained forward passes where the CPU/GPU supports it; log-probs and KL stay fp32
     # --- rollouts
     steps: int = 100  # PPO updates (one batch of rollouts each)
     batch_size: int = 32  # sequences per update (prompts x group_size)
@@ -86,6 +89,14 @@ class TrainConfig:
             and 0 < self.log_ratio_clamp < float("inf")
         ):
             raise ValueError(f"config log_ratio_clamp must be null (off) or a finite number > 0, got {self.log_ratio_clamp!r}")
+        if isinstance(self.lora_rank, bool) or not isinstance(self.lora_rank, int) or self.lora_rank < 0:
+            raise ValueError(f"config lora_rank must be an int >= 0 (0 = full fine-tune), got {self.lora_rank!r}")
+        if self.lora_alpha is not None and not (
+            isinstance(self.lora_alpha, (int, float)) and not isinstance(self.lora_alpha, bool) and 0 < self.lora_alpha < float("inf")
+        ):
+            raise ValueError(f"config lora_alpha must be null (2 * lora_rank) or a finite number > 0, got {self.lora_alpha!r}")
+        if not isinstance(self.bf16, bool):
+            raise ValueError(f"config bf16 must be true or false, got {self.bf16!r}")
         if self.batch_size % self.group_size:
             raise ValueError(f"config batch_size ({self.batch_size}) must be a multiple of group_size ({self.group_size})")
         if self.advantage == "group" and self.group_size < 2:

@@ -28,7 +28,8 @@ class ValueModel(nn.Module):
 
     @classmethod
     def from_policy(cls, policy) -> "ValueModel":
-        trunk = copy.deepcopy(policy.base_model)
+        base = policy.get_base_model() if hasattr(policy, "get_base_model") else policy  # a peft model's transformer
+        trunk = copy.deepcopy(base.base_model)
         trunk.requires_grad_(True)
         return cls(trunk, policy.config.hidden_size)
 

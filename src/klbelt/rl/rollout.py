@@ -71,7 +71,10 @@ def unwrap(model):
 
 def _params(model) -> frozenset:
     """Parameter names of ``model.forward`` (looked up once per forward function, not per call)."""
-    forward = unwrap(model).forward
+    model = unwrap(model)
+    if hasattr(model, "get_base_model"):  # peft passes keyword arguments through to the base model
+        model = model.get_base_model()
+    forward = model.forward
     return _forward_params(getattr(forward, "__func__", forward))
 
 

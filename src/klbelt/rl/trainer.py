@@ -23,6 +23,7 @@ from .critic import ValueModel
 from .distributed import World
 from ..monitor import KLMonitor
 from .io import JsonlLog, atomic_torch_save, atomic_write_text, check_writable, read_jsonl
+from .lora import Reference, apply_lora, autocast, is_lora, load_policy_state, policy_state, resolve_bf16
 from .losses import ppo_policy_loss, ppo_value_loss
 from .precision import MasterWeights
 from .rollout import Rollout, response_logprobs, sample
@@ -77,9 +78,10 @@ def check_finite(loss: torch.Tensor, which: str, step: int, ckpt_path: Path) -> 
 
 
 def fingerprint(model) -> list[float]:
-    """Two float64 sums over all parameters: enough to tell two reference models apart."""
+    """Two float64 sums over all parameters (a model or a list of tensors): enough to tell two reference models apart."""
+    params = model.parameters() if hasattr(model, "parameters") else model
     with torch.no_grad():
-        flat = [p.detach().double().reshape(-1) for p in model.parameters()]
+        flat = [p.detach().double().reshape(-1) for p in params]
         return [float(sum(f.sum() for f in flat)), float(sum(f.square().sum() for f in flat))]
 
 
@@ -166,7 +168,14 @@ def train(
     device = torch.device(cfg.device)
     torch.manual_seed(cfg.seed)
     policy.to(device).eval()  # eval(): no dropout, so sampled and trained log-probs agree
-    ref = (ref_policy if ref_policy is not None else copy.deepcopy(policy)).to(device).eval().requires_grad_(False)
+    if cfg.lora_rank and not is_lora(policy):
+        policy = apply_lora(policy, cfg.lora_rank, cfg.lora_alpha)
+    use_bf16 = resolve_bf16(cfg.bf16, device)  # autocast for the differentiated passes only
+    # Under LoRA (and no explicit reference) the reference is the policy with its adapters disabled.
+    if ref_policy is None and is_lora(policy):
+        reference = Reference(policy)
+    else:
+        reference = Reference(policy, (ref_policy if ref_policy is not None else copy.deepcopy(policy)).to(device).eval().requires_grad_(False))
     critic = ValueModel.from_policy(policy).to(device).eval() if cfg.advantage == "gae" else None
     # Forward passes that are differentiated go through the DDP wrappers (gradient all-reduce);
     # sampling and no-grad scoring use the bare models.
@@ -195,12 +204,12 @@ def train(
         resume = False
     if resume:
         state = torch.load(ckpt_path, map_location=device, weights_only=False)
-        if state["ref_fingerprint"] != fingerprint(ref):
+        if state["ref_fingerprint"] != fingerprint(reference.base_parameters()):
             raise ValueError(
                 f"resume: the reference model differs from the one the run in {out} started with; "
                 "resume with the same model (the policy's weights come from the checkpoint)"
             )
-        policy.load_state_dict(state["policy"])
+        load_policy_state(policy, state["policy"])
         policy_master.load_state_dict(state.get("policy_master"))
         policy_opt.load_state_dict(state["policy_opt"])
         if critic:
@@ -229,7 +238,7 @@ def train(
     def save_checkpoint(next_step: int) -> None:
         state = {
             "step": next_step,
-            "policy": policy.state_dict(),
+            "policy": policy_state(policy),
             "policy_master": policy_master.state_dict(),
             "policy_opt": policy_opt.state_dict(),
             "critic": critic.state_dict() if critic else None,
@@ -244,7 +253,7 @@ def train(
         }
         atomic_torch_save(state, ckpt_path)
 
-    ref_print = fingerprint(ref)
+    ref_print = fingerprint(reference.base_parameters())
     group = world.group
     rows = world.shard(cfg.batch_size)  # this rank's rows of the global batch
     history = []
@@ -279,7 +288,7 @@ def train(
         # 2. Score: proxy reward, reference log-probs (same temperature), values.
         scores = call_reward(reward_fn, texts, roll).to(device)
         with torch.no_grad():
-            ref_logprobs = response_logprobs(ref, roll, cfg.temperature)
+            ref_logprobs = reference.logprobs(roll, cfg.temperature)
             old_logprobs = roll.logprobs
             old_values = critic(roll) if critic else None
         n_tokens = mask.sum(-1).clamp_min(1)
@@ -312,7 +321,8 @@ def train(
             order = torch.randperm(local_batch, generator=shuffle_gen).to(device)
             for mb in order.split(local_batch // cfg.minibatches):
                 mb_roll = roll.select(mb)
-                logprobs, entropy = response_logprobs(train_policy, mb_roll, cfg.temperature, with_entropy=True)
+                with autocast(device, use_bf16):
+                    logprobs, entropy = response_logprobs(train_policy, mb_roll, cfg.temperature, with_entropy=True)
                 pg_loss, pg_stats = ppo_policy_loss(logprobs, old_logprobs[mb], advantages[mb], mask[mb], cfg.clip_range, group=group)
                 loss = pg_loss
                 if cfg.kl_in == "loss":
@@ -330,7 +340,9 @@ def train(
                 policy_master.to_model()
                 vf_loss = torch.zeros(())
                 if critic:
-                    vf_loss = ppo_value_loss(train_critic(mb_roll), old_values[mb], returns[mb], mask[mb], cfg.value_clip, group=group)
+                    with autocast(device, use_bf16):
+                        values = train_critic(mb_roll)
+                    vf_loss = ppo_value_loss(values.float(), old_values[mb], returns[mb], mask[mb], cfg.value_clip, group=group)
                     check_finite(vf_loss, "value", step, ckpt_path)
                     (cfg.vf_coef * world.size * vf_loss).backward()
                     critic_master.grads_to_master()

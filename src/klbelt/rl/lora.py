@@ -1,0 +1,146 @@
+"""The fast real-model path: LoRA adapters (peft) with the reference read off the same weights,
+and bf16 autocast where the CPU supports it.
+
+With ``lora_rank > 0`` the policy is the base model plus low-rank adapters, and the
+frozen reference *is* the base model: ``reference_logprobs`` runs the same module
+with the adapters disabled, so no second copy of the weights is ever held.
+``bf16`` wraps the differentiated forward passes in ``torch.autocast`` (matmuls in
+bf16); the log-softmax and every KL stay fp32 (``klbelt.kl`` upcasts the logits).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import warnings
+
+import torch
+from torch import nn
+
+from .rollout import Rollout, response_logprobs, unwrap
+
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj",  # Llama, Mistral, Qwen
+                "c_attn", "c_proj", "c_fc",  # GPT-2
+                "query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h")  # GPT-NeoX
+
+
+def linear_module_names(model: nn.Module) -> list[str]:
+    """The distinct leaf names of the model's linear-like layers (what LoRA can target)."""
+    names = set()
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D":
+            names.add(name.rsplit(".", 1)[-1])
+    return sorted(names)
+
+
+def apply_lora(policy: nn.Module, rank: int, alpha: float | None = None, targets: tuple[str, ...] | None = None):
+    """Wrap ``policy`` in peft LoRA adapters of ``rank`` on its attention and MLP projections.
+
+    Only the adapters train; the base weights are frozen and double as the reference.
+    ``alpha`` defaults to ``2 * rank``; the adapters start at zero (peft's B = 0), so the
+    policy starts exactly at the reference.
+    """
+    try:
+        from peft import LoraConfig, get_peft_model
+    except ImportError as exc:  # pragma: no cover - depends on the environment
+        raise ImportError("lora_rank > 0 needs the PyPI package 'peft': pip install peft (or 'klbelt[train]')") from exc
+    if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
+        raise ValueError(f"lora rank must be a positive int, got {rank!r}")
+    found = linear_module_names(policy)
+    wanted = [t for t in (targets or LORA_TARGETS) if t in found and t != "lm_head"]
+    if not wanted:
+        raise ValueError(
+            f"lora_rank={rank}: peft cannot target this model's modules: none of {', '.join(targets or LORA_TARGETS)} "
+            f"is a linear layer in {type(policy).__name__}; its linear layers are named: {', '.join(found) or 'none'}"
+        )
+    config = LoraConfig(r=rank, lora_alpha=alpha if alpha is not None else 2 * rank, target_modules=wanted, lora_dropout=0.0, bias="none")
+    return get_peft_model(policy, config)
+
+
+def is_lora(model) -> bool:
+    return hasattr(unwrap(model), "disable_adapter") and hasattr(unwrap(model), "peft_config")
+
+
+@contextlib.contextmanager
+def adapters_disabled(model):
+    """The base model (the reference) for the duration of the block; a no-op without adapters."""
+    model = unwrap(model)
+    if is_lora(model):
+        with model.disable_adapter():
+            yield model
+    else:
+        yield model
+
+
+@functools.lru_cache(maxsize=1)
+def bf16_supported() -> bool:
+    """Whether this CPU has native bf16 matmuls (oneDNN: AVX512-BF16 or AMX)."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):  # pragma: no cover - older torch builds
+        return False
+
+
+def autocast(device: torch.device | str, enabled: bool):
+    """``torch.autocast`` to bf16 on ``device`` when ``enabled``; else a no-op context."""
+    device = torch.device(device)
+    if not enabled:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=torch.bfloat16)
+
+
+def resolve_bf16(requested: bool, device: torch.device | str) -> bool:
+    """bf16 autocast if requested and supported; says so once and runs fp32 otherwise."""
+    if not requested:
+        return False
+    device = torch.device(device)
+    if device.type == "cpu" and not bf16_supported():
+        warnings.warn("bf16 was requested but this CPU has no native bf16 support (AVX512-BF16/AMX); running in fp32", RuntimeWarning, stacklevel=2)
+        return False
+    if device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        warnings.warn("bf16 was requested but this GPU does not support it; running in fp32", RuntimeWarning, stacklevel=2)
+        return False
+    return True
+
+
+class Reference:
+    """Scores rollouts under the frozen reference: a separate model, or the policy with its adapters off."""
+
+    def __init__(self, policy, ref_model=None):
+        self.policy, self.model = policy, ref_model
+        self.shared = ref_model is None
+        if self.shared and not is_lora(policy):
+            raise ValueError("a reference model is needed unless the policy has LoRA adapters (lora_rank > 0)")
+
+    @torch.no_grad()
+    def logprobs(self, rollout: Rollout, temperature: float = 1.0) -> torch.Tensor:
+        if self.shared:
+            with adapters_disabled(self.policy) as base:
+                return response_logprobs(base, rollout, temperature)
+        return response_logprobs(self.model, rollout, temperature)
+
+    def base_parameters(self) -> list[torch.Tensor]:
+        """The reference's weights (for its fingerprint): the frozen base weights under LoRA."""
+        if self.shared:
+            return [p for n, p in unwrap(self.policy).named_parameters() if "lora_" not in n]
+        return list(self.model.parameters())
+
+
+def policy_state(policy) -> dict:
+    """What a checkpoint keeps of the policy: every weight, or only the adapters under LoRA
+    (the base weights are the reference, restored by loading the same model)."""
+    model = unwrap(policy)
+    if is_lora(model):
+        return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    return model.state_dict()
+
+
+def load_policy_state(policy, state: dict) -> None:
+    model = unwrap(policy)
+    if is_lora(model):
+        missing = [n for n, p in model.named_parameters() if p.requires_grad and n not in state]
+        if missing:
+            raise ValueError(f"resume: the checkpoint has no LoRA weights for {missing[0]} (was it written with the same lora_rank?)")
+        model.load_state_dict(state, strict=False)
+    else:
+        model.load_state_dict(state)
