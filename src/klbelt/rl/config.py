@@ -37,6 +37,7 @@ class TrainConfig:
     target_kl: float = 0.05  # controller target, in the controller's unit (kl_unit)
     kl_unit: str = "token-mean"  # "token-mean" (nats/token) or "seq-sum" (nats/sequence) for the controller
     horizon: int = 10000  # proportional controller horizon (sequences)
+    pid_gains: list[float] | None = None  # [kp, ki, kd] of the "pid" controller per update (null: 0.05, 0.02, 1.0)
     log_ratio_clamp: float | None = None  # off; c > 0 clamps each token's log-ratio to [-c, c] in the KL penalty
     clamp_gradient: str = "zero"  # clamped tokens' gradient: "zero" (plain clamp) or "pass" (straight-through)
     # --- advantages and PPO
@@ -95,6 +96,11 @@ class TrainConfig:
             isinstance(self.lora_alpha, (int, float)) and not isinstance(self.lora_alpha, bool) and 0 < self.lora_alpha < float("inf")
         ):
             raise ValueError(f"config lora_alpha must be null (2 * lora_rank) or a finite number > 0, got {self.lora_alpha!r}")
+        if self.pid_gains is not None and not (
+            isinstance(self.pid_gains, (list, tuple)) and len(self.pid_gains) == 3
+            and all(isinstance(g, (int, float)) and not isinstance(g, bool) and 0 <= g < float("inf") for g in self.pid_gains)
+        ):
+            raise ValueError(f"config pid_gains must be null or three finite numbers >= 0 [kp, ki, kd], got {self.pid_gains!r}")
         if not isinstance(self.bf16, bool):
             raise ValueError(f"config bf16 must be true or false, got {self.bf16!r}")
         if self.batch_size % self.group_size:

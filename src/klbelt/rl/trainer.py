@@ -46,7 +46,8 @@ def make_controller(cfg: TrainConfig):
         return control.AdaptiveKLController(
             init_kl_coef=cfg.kl_coef, target_kl=cfg.target_kl, horizon=cfg.horizon, rule=rule, unit=cfg.kl_unit
         )
-    return control.PIDKLController(init_kl_coef=cfg.kl_coef, target_kl=cfg.target_kl, unit=cfg.kl_unit)
+    gains = dict(zip(("kp", "ki", "kd"), cfg.pid_gains)) if cfg.pid_gains else {}
+    return control.PIDKLController(init_kl_coef=cfg.kl_coef, target_kl=cfg.target_kl, unit=cfg.kl_unit, **gains)
 
 
 def call_reward(reward_fn: RewardFn, texts: list[str], rollout: Rollout | None = None, name: str = "reward function") -> torch.Tensor:
