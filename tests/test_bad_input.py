@@ -1,6 +1,6 @@
 """Every bad input raises a ValueError or TypeError whose message names the argument.
 
-DESIGN.md, "What bad input gets": never a silent broadcast, never a NaN passed on.
+docs/design.md, "What bad input gets": never a silent broadcast, never a NaN passed on.
 """
 
 from __future__ import annotations
@@ -239,7 +239,7 @@ CASES = {
     "shape_rewards: multi-element kl_coef": (lambda: shape_rewards(**shape_args(kl_coef=torch.ones(2))), TypeError, "kl_coef"),
     "shape_rewards: bool kl_coef": (lambda: shape_rewards(**shape_args(kl_coef=True)), TypeError, "kl_coef"),
     "shape_rewards: unknown estimator": (
-        lambda: shape_rewards(**shape_args(), estimator="kl"),
+        lambda: shape_rewards(**shape_args(), estimator="k4"),  # "kl" is verl's name for k1 (accepted)
         ValueError,
         r"estimator.*'k1'.*'k2'.*'k3'.*'abs'",
     ),

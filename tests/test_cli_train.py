@@ -64,7 +64,7 @@ def test_yaml_config_is_read(tmp_path, model_dir):
     "setup,message",
     [
         (lambda tmp, m: {"model": str(tmp / "missing")}, "not 'demo', 'smollm2' or a local Hugging Face model directory"),
-        (lambda tmp, m: {"kl_coeff": 1}, "unknown config key 'kl_coeff'; valid keys:"),
+        (lambda tmp, m: {"kl_coeff": 1}, "unknown config key 'kl_coeff'; did you mean 'kl_coef'?"),
         (lambda tmp, m: {"prompts": str(_write(tmp / "empty.txt", "\n"))}, "holds no prompts"),
         (lambda tmp, m: {"prompts": str(_write(tmp / "bad.jsonl", '{"prompt": "a"}\nnot json\n'))}, "line 2 is not valid JSON"),
         (lambda tmp, m: {"prompts": str(_write(tmp / "nokey.jsonl", '{"text": "a"}\n'))}, 'line 1 has no string "prompt"'),

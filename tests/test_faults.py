@@ -292,6 +292,7 @@ def test_sigkill_anywhere_then_resume_gives_the_uninterrupted_metrics(tmp_path, 
         out = tmp_path / name
         assert _rows(out / "metrics.jsonl") == _rows(whole / "metrics.jsonl"), f"{name}: metrics differ\n{report}"
         assert _rows(out / "samples.jsonl") == _rows(whole / "samples.jsonl"), f"{name}: samples differ\n{report}"
+        assert _rows(out / "token_kl.jsonl") == _rows(whole / "token_kl.jsonl"), f"{name}: token KL differs\n{report}"
         assert _temps(out) == [], f"{name}: temporary files left: {_temps(out)}\n{report}"
         assert (out / "report.html").exists() and (out / "policy" / "config.json").exists()
 

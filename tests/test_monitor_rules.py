@@ -37,6 +37,7 @@ def healthy(n=200, seed=0):
                 "gold_reward": 0.8 * (1 - math.exp(-t / 30)) + 0.05 * rng.gauss(0, 1),
                 "entropy": 3.0 + 0.05 * rng.gauss(0, 1),
                 "distinct_2": 0.8 + 0.01 * rng.gauss(0, 1),
+                "mismatch_kl": 2e-4,  # a bf16 sampler's KL(sampler || policy), far below the belt's KL
             }
         )
     return out

@@ -14,9 +14,13 @@ from .kl import (
     MODES,
     aggregate,
     aggregate_many,
+    importance_weights,
+    kl_from_hidden,
     kl_from_logits,
     kl_per_token,
+    logprobs_from_hidden,
     logprobs_from_logits,
+    mismatch_stats,
 )
 from .shaping import ShapedRewards, compute_kl_penalty, compute_rewards_with_kl, shape_rewards
 from .control import AdaptiveKLController, FixedKLController, PIDKLController, global_observed_kl
@@ -40,8 +44,12 @@ __all__ = [
     "logprobs_from_logits",
     "kl_per_token",
     "kl_from_logits",
+    "logprobs_from_hidden",
+    "kl_from_hidden",
     "aggregate",
     "aggregate_many",
+    "mismatch_stats",
+    "importance_weights",
     "compute_kl_penalty",
     "compute_rewards_with_kl",
     "shape_rewards",

@@ -91,6 +91,10 @@ def add_arguments(parser) -> None:
     parser.add_argument("--no-trl", action="store_true", help="skip TRL (klbelt and the floor only)")
     parser.add_argument("--json", action="store_true", help="print a JSON list, one object per setting")
     parser.add_argument("--json-out", default=None, help="also write that JSON list to this file")
+    parser.add_argument("--model", default=None,
+                        help="smollm2 or a local causal-LM directory: time the English demo's update on that model "
+                        "against TRL's GRPOTrainer and the floor instead (see klbelt.bench.real_model)")
+    parser.add_argument("--trl-python", default=None, help="with --model: run the TRL side under this Python (e.g. a venv with the newest TRL)")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)  # internal: one measurement, JSON spec
 
 
@@ -414,6 +418,10 @@ def _measure(spec: dict) -> dict:
 def run(args) -> int:
     if args.child is not None:
         return child_main(args.child)
+    if args.model is not None:
+        from . import real_model
+
+        return real_model.run(args)
     names = [s.strip().upper() for s in args.settings.split(",") if s.strip()]
     unknown = [n for n in names if n not in SETTINGS]
     if unknown or not names:

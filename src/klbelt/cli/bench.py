@@ -13,8 +13,12 @@ import importlib.util
 BENCHMARKS = ("kernels", "monitor", "trainer", "scaling")
 
 
+DESCRIPTION = ("Benchmarks that print klbelt's time and memory as ratios against named baselines. "
+               "Run klbelt bench NAME --help for a benchmark's options.")
+
+
 def add_parser(sub) -> None:
-    parser = sub.add_parser("bench", help="run a benchmark: " + ", ".join(_available()), description=__doc__)
+    parser = sub.add_parser("bench", help="run a benchmark: " + ", ".join(_available()), description=DESCRIPTION)
     names = parser.add_subparsers(dest="benchmark", metavar="BENCHMARK", required=True)
     for name in _available():
         module = importlib.import_module(f"klbelt.bench.{name}")

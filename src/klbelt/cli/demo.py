@@ -25,7 +25,8 @@ def add_parser(sub) -> None:
     p.add_argument("--controller", choices=("fixed", "adaptive", "proportional", "pid"), default=None)
     p.add_argument("--target-kl", type=float, default=None, help="controller target, nats/token (default: 0.05)")
     p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
+    p.add_argument("--resume", metavar="DIR", nargs="?", const=True, default=None,
+                   help="continue the run in DIR from its checkpoint, as in klbelt train (DIR defaults to --out)")
     p.set_defaults(func=run)
 
 
@@ -33,7 +34,7 @@ def run(args) -> int:
     from ..demo.task import run_demo, task_for
     from .progress import Progress
 
-    overrides = {"out": args.out}
+    overrides = {"out": args.resume if isinstance(args.resume, str) else args.out}
     for name in ("steps", "kl_coef", "controller", "target_kl", "seed"):
         value = getattr(args, name)
         if value is not None:
@@ -41,7 +42,7 @@ def run(args) -> int:
     cfg = replace(task_for(args.model).config, **overrides)
     print(f"klbelt demo: {cfg.model}, {cfg.steps} PPO updates x {cfg.batch_size} continuations of {cfg.max_new_tokens} tokens, "
           f"{cfg.controller} KL controller (target {cfg.target_kl} nats/token, beta starts at {cfg.kl_coef})")
-    summary = run_demo(cfg, resume=args.resume, on_step=Progress(cfg.steps))
+    summary = run_demo(cfg, resume=bool(args.resume), on_step=Progress(cfg.steps))
     print_summary(summary, cfg.out)
     return 0
 
@@ -69,5 +70,5 @@ def print_summary(summary: dict, out: str) -> None:
         for smp in samples:
             text = textwrap.shorten(f"{smp['prompt']}|{smp['response']}".replace("\n", " "), 150)
             print(f"  [proxy {smp['reward']:+.2f} gold {smp['gold_reward']:+.2f}] {text}")
-    print(f"\nWrote {out}/: metrics.jsonl, samples.jsonl, config.json, checkpoint.pt, summary.json, policy/, report.html")
+    print(f"\nWrote {out}/: metrics.jsonl, samples.jsonl, token_kl.jsonl, config.json, checkpoint.pt, summary.json, policy/, report.html")
     print(f"Look at the run: open {out}/report.html, or run  klbelt doctor {out}")

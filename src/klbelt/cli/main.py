@@ -22,6 +22,7 @@ SUBCOMMANDS = {
     "doctor": "doctor",
     "sim": "sim",
     "plot": "plot",
+    "bon": "bon",
 }
 # Each module registers itself with one line above; keep the help output cheap.
 
@@ -43,18 +44,48 @@ def build_parser(names=None) -> argparse.ArgumentParser:
     return parser
 
 
+def unknown_message(parser, command, unknown) -> str:
+    """One line for arguments no parser took: the first unknown flag and the closest valid one."""
+    import difflib
+
+    target = parser
+    if command is not None:
+        for action in parser._actions:  # the subcommand's own parser holds its flags
+            if isinstance(action, argparse._SubParsersAction):
+                target = action.choices[command]
+    flags = [s for a in target._actions if a.help != argparse.SUPPRESS for s in a.option_strings]
+    first = next((u for u in unknown if u.startswith("-")), unknown[0])
+    name = first.split("=", 1)[0]
+    where = f"klbelt {command}" if command else "klbelt"
+    if not name.startswith("-"):
+        return f"{where}: unexpected argument {first!r}"
+    close = difflib.get_close_matches(name, flags, n=1, cutoff=0.5)
+    hint = f"; did you mean {close[0]}?" if close else f"; see {where} --help"
+    return f"unknown flag {name} for {where}{hint}"
+
+
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     wanted = [a for a in argv if a in SUBCOMMANDS][:1] or None
     parser = build_parser(None if wanted is None else wanted)
-    args = parser.parse_args(argv)
+    usage_code = wanted and getattr(importlib.import_module(f"klbelt.cli.{SUBCOMMANDS[wanted[0]]}"), "USAGE_EXIT_CODE", None)
+    if usage_code:  # a subcommand whose exit codes are verdicts (doctor) reports usage errors with its own code
+        def usage_error(message):
+            parser.print_usage(sys.stderr)
+            parser.exit(usage_code, f"{parser.prog}: error: {message}\n")
+
+        parser.error = usage_error
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:  # one line, with the closest valid flag
+        print(f"klbelt: error: {unknown_message(parser, args.command, unknown)}", file=sys.stderr)
+        return usage_code or 2
     if args.command is None:
         parser.print_help()
         return 0
     try:
         return int(args.func(args) or 0)
     except (ValueError, TypeError, FileNotFoundError, ImportError) as exc:
-        # bad input: one line naming what is wrong, no traceback (DESIGN.md)
+        # bad input: one line naming what is wrong, no traceback (docs/design.md)
         print(f"klbelt {args.command}: error: {exc}", file=sys.stderr)
         return 2
     except OSError as exc:

@@ -16,7 +16,7 @@ from .args import comma_floats
 
 
 def add_parser(sub) -> None:
-    p = sub.add_parser("plot", help="draw a figure (beta-effect)", description=__doc__,
+    p = sub.add_parser("plot", help="draw a figure (beta-effect)", description=__doc__.replace("``", ""),
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     kinds = p.add_subparsers(dest="kind", metavar="KIND", required=True)
     b = kinds.add_parser("beta-effect", help="total reward vs KL, and equilibrium KL vs beta, in the testbed")
@@ -25,6 +25,35 @@ def add_parser(sub) -> None:
     b.add_argument("--reward", type=comma_floats, default=None, help="reward of each response")
     b.add_argument("--betas", type=comma_floats, default=None, help="betas of the left panel (default 0.05,0.1,0.2,0.5)")
     b.set_defaults(func=_beta_effect)
+    f = kinds.add_parser("frontier", help="gold reward vs KL (nats/sequence): best-of-n next to RL runs, Gao et al. fits")
+    f.add_argument("runs", nargs="*", metavar="RUN", help="RL run folders (metrics.jsonl with kl_seq and gold_reward)")
+    f.add_argument("--bon", required=True, help="bon.json written by klbelt bon")
+    f.add_argument("--out", required=True, help="output file (PNG; the format follows the extension)")
+    f.set_defaults(func=_frontier)
+
+
+def _frontier(args) -> int:
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        print("klbelt plot: error: matplotlib is not installed (pip install 'klbelt[plot]')", file=sys.stderr)
+        return 2
+    from ..monitor.frontier import summary_lines, write_frontier_png
+    from ..monitor.readers import RunReadError
+
+    directory = os.path.dirname(os.path.abspath(args.out))
+    if not os.path.isdir(directory):
+        print(f"klbelt plot: error: {args.out}: directory {directory} does not exist", file=sys.stderr)
+        return 2
+    try:
+        fits = write_frontier_png(args.out, args.bon, args.runs)
+    except (RunReadError, ValueError, OSError) as err:
+        print(f"klbelt plot: error: {err}", file=sys.stderr)
+        return 2
+    print(f"wrote {args.out}")
+    for line in summary_lines(fits):
+        print(line)
+    return 0
 
 
 def _beta_effect(args) -> int:

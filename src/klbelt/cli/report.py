@@ -12,7 +12,7 @@ def column_mapping(items) -> dict:
     for item in items or []:
         name, sep, column = item.partition("=")
         if not sep or not name or not column:
-            raise SystemExit(f"klbelt: --column must look like NAME=COLUMN (e.g. kl=train/kl_mean), got {item!r}")
+            raise ValueError(f"--column must look like NAME=SOURCE (e.g. kl=train/kl_mean), got {item!r}")
         mapping[name] = column
     return mapping
 
@@ -47,11 +47,13 @@ def add_parser(sub) -> None:
     p = sub.add_parser(
         "report",
         help="write a self-contained HTML report (KL, beta, rewards, verdicts) of a run",
-        description=__doc__,
+        description="Write a self-contained HTML report of a run: KL, beta, rewards and the health verdicts, "
+        "readable offline in any browser.",
     )
     add_run_arguments(p)
     p.add_argument("--out", default="report.html", help="HTML file to write (default: report.html)")
     p.add_argument("--title", default=None, help="page title (default: the run's path)")
+    p.add_argument("--bon", default=None, help="bon.json from klbelt bon: add the over-optimisation frontier section")
     p.set_defaults(func=run)
 
 
@@ -62,7 +64,7 @@ def run(args) -> int:
     try:
         from ..monitor.report import write_report
 
-        out = write_report(run_, args.out, title=args.title or f"klbelt report: {run_.path}")
+        out = write_report(run_, args.out, title=args.title or f"klbelt report: {run_.path}", bon_file=getattr(args, "bon", None))
     except ImportError as e:
         print(f"klbelt report: needs matplotlib ({e}); pip install 'klbelt[plot]'", file=sys.stderr)
         return 1

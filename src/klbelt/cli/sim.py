@@ -20,7 +20,10 @@ def add_parser(sub) -> None:
     p = sub.add_parser(
         "sim",
         help="exact KL-regularised testbed: optimum in closed form, controllers compared",
-        description=__doc__,
+        description="Optimise a categorical policy in the exact testbed, or compare KL controllers.",
+        epilog="examples:\n  klbelt sim --ref 0.2,0.3,0.5 --reward 1,0,0 --kl-coef 0.5 --json\n"
+        "  klbelt sim --controller adaptive --rule proportional --target-kl 0.5 --gradient sampled\n"
+        "  klbelt sim --compare-controllers",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--ref", type=comma_floats, default=None,
@@ -32,7 +35,8 @@ def add_parser(sub) -> None:
     p.add_argument("--target-kl", type=float, default=None, help="controller target, nats per response")
     p.add_argument("--horizon", type=float, default=10000, help="proportional rule's horizon (samples)")
     p.add_argument("--gradient", choices=("exact", "sampled"), default="exact")
-    p.add_argument("--estimator", choices=("k1", "k2", "k3", "abs"), default="k1")
+    p.add_argument("--estimator", choices=("k1", "k2", "k3", "abs", "kl", "mse", "low_var_kl"), default="k1",
+                   help="KL estimator: k1, k2, k3, abs (kl, mse, low_var_kl: verl's names for k1, k2, k3)")
     p.add_argument("--kl-in", choices=("reward", "loss"), default="reward", help="sampled gradients: where the KL goes")
     p.add_argument("--steps", type=int, default=None, help="controller updates (default 200; 300 with --compare-controllers)")
     p.add_argument("--inner-steps", type=int, default=None, help="policy steps per controller update (default 10; 5 when comparing)")

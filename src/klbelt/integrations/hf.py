@@ -55,8 +55,32 @@ class KLMonitorCallback(TrainerCallback):
         return self.monitor
 
     def on_train_begin(self, args, state, control, **kwargs):
-        if state.is_world_process_zero:
-            self._ensure(args)
+        if not state.is_world_process_zero:
+            return
+        if state.global_step > 0 and self.monitor is None:
+            self._resume(args, state.global_step)
+        self._ensure(args)
+
+    def _resume(self, args, step: int) -> None:
+        """Resumed from ``checkpoint-<step>``: keep the log's records up to ``step``, append after them.
+
+        Records written after the checkpoint (by the run that was interrupted) are dropped,
+        never the whole file; the kept records are replayed into the rules without re-alerting.
+        """
+        from ..monitor.sinks import JSONLSink
+        from ..rl.io import JsonlLog, read_jsonl
+
+        if self.log_dir is None:
+            self.log_dir = Path(args.output_dir) / "klbelt"
+        path = self.log_dir / "metrics.jsonl"
+        if "sinks" in self._monitor_kwargs or not path.exists():
+            return
+        JsonlLog(path).keep_steps_before(step + 1)
+        kept = read_jsonl(path)
+        self.monitor = KLMonitor(None, sinks=[JSONLSink(path, append=True)], **self._monitor_kwargs)
+        for record in kept:
+            self.monitor.history.append(record)
+            self.monitor.engine.observe(self.monitor.history)
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if not state.is_world_process_zero or not logs:

@@ -1,4 +1,4 @@
-"""Argument checks shared by every public function (DESIGN.md, "What bad input gets").
+"""Argument checks shared by every public function (docs/design.md, "What bad input gets").
 
 Each check raises a ``TypeError`` (wrong kind of object or dtype) or a
 ``ValueError`` (wrong shape or value) whose message names the argument, what it

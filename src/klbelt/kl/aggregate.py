@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from . import _checks
+from .estimators import check_weights
 
 MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum")
 
@@ -24,6 +25,8 @@ def aggregate(
     mask: torch.Tensor,
     mode: str = "token-mean",
     group=None,
+    *,
+    weights: torch.Tensor | None = None,
 ) -> torch.Tensor:
     r"""Reduce per-token ``values`` over the valid tokens of ``mask`` to a scalar.
 
@@ -55,10 +58,21 @@ def aggregate(
         mask: same shape, bool or 0/1.
         mode: one of the modes above.
         group: optional process group for a global reduction.
+        weights: optional importance weights :math:`w = \pi/\mu` of ``values``'
+            shape, for tokens drawn from a sampler :math:`\mu` rather than the
+            policy (see :func:`klbelt.kl.importance_weights`): :math:`v` is
+            replaced by :math:`w v` in the sums above while the counts stay
+            token (or sequence) counts, the ordinary (not self-normalised)
+            importance-sampling estimate, unbiased for the policy's mean with
+            untruncated weights. Weights are constants (detached). Do not
+            also pass them to :func:`kl_per_token`.
 
     Returns:
         0-d tensor of ``values``' dtype.
     """
+    if weights is not None:
+        _checks.tensor("values", values, floating=True)
+        values = values * check_weights("weights", weights, values)
     return aggregate_many([values], mask, [mode], group=group)[0]
 
 

@@ -10,6 +10,11 @@ import torch
 from . import _checks
 
 ESTIMATORS = ("k1", "k2", "k3", "abs")
+#: verl's ``kl_penalty`` names for the same estimators (verl 0.9.1 ``core_algos.kl_penalty``)
+ESTIMATOR_ALIASES = {"kl": "k1", "mse": "k2", "low_var_kl": "k3"}
+#: every name ``kl_per_token`` accepts; a trailing ``+`` (verl's straight-through) keeps the
+#: estimator's value and takes the gradient of k2
+ESTIMATOR_NAMES = tuple(n + plus for plus in ("", "+") for n in ESTIMATORS + tuple(ESTIMATOR_ALIASES))
 CLAMP_GRADIENTS = ("zero", "pass")
 
 
@@ -33,6 +38,7 @@ def kl_per_token(
     *,
     log_ratio_clamp: float | None = None,
     clamp_gradient: str = "zero",
+    weights: torch.Tensor | None = None,
 ) -> torch.Tensor:
     r"""Per-token sample estimate of KL(policy || ref), in nats per token.
 
@@ -76,11 +82,23 @@ def kl_per_token(
     Args:
         logprobs: ``[...]`` log-probs of the sampled tokens under the policy (<= 0).
         ref_logprobs: same shape, under the reference.
-        estimator: one of ``"k1"``, ``"k2"``, ``"k3"``, ``"abs"``.
+        estimator: one of ``"k1"``, ``"k2"``, ``"k3"``, ``"abs"``; verl's names
+            ``"kl"`` (k1), ``"mse"`` (k2), ``"low_var_kl"`` (k3, without verl's clamp
+            to [-10, 10]) are aliases, and any name with a trailing ``"+"`` (e.g.
+            ``"k3+"``) returns the estimator's value with the gradient of k2
+            (verl's straight-through: ``k2 - k2.detach() + value.detach()``).
         log_ratio_clamp: ``None`` (default, no clamp) or a finite ``c > 0``:
             the log-ratio is clamped to ``[-c, c]`` before the estimator.
         clamp_gradient: ``"zero"`` (default) or ``"pass"``: the gradient
             through the clamp, see above. Ignored without a clamp.
+        weights: ``None`` (tokens drawn from the policy) or a tensor of the
+            same shape of importance weights :math:`w = \pi/\mu` for tokens
+            drawn from a sampler :math:`\mu` (see
+            :func:`klbelt.kl.importance_weights`): the result is
+            :math:`w \cdot f(\ell)`, whose mean under :math:`\mu` is the
+            mean of :math:`f(\ell)` under the policy, so k1 and k3 stay
+            unbiased for KL(pi||ref) (with untruncated weights). The weights are
+            constants (detached). Do not also pass them to :func:`aggregate`.
 
     Returns:
         Tensor of the same shape (elementwise; masking is the caller's job,
@@ -89,10 +107,19 @@ def kl_per_token(
     _checks.tensor("logprobs", logprobs, floating=True)
     _checks.tensor("ref_logprobs", ref_logprobs, floating=True)
     _checks.same_shape("logprobs", logprobs, "ref_logprobs", ref_logprobs)
-    _checks.choice("estimator", estimator, ESTIMATORS)
+    _checks.choice("estimator", estimator, ESTIMATOR_NAMES)
+    if estimator.endswith("+"):
+        kw = dict(log_ratio_clamp=log_ratio_clamp, clamp_gradient=clamp_gradient, weights=weights)
+        value = kl_per_token(logprobs, ref_logprobs, estimator[:-1], **kw)
+        k2 = kl_per_token(logprobs, ref_logprobs, "k2", **kw)
+        return k2 - k2.detach() + value.detach()
+    estimator = ESTIMATOR_ALIASES.get(estimator, estimator)
     _checks.logprob_values("logprobs", logprobs.detach())
     _checks.logprob_values("ref_logprobs", ref_logprobs.detach())
     clamp = check_log_ratio_clamp(log_ratio_clamp, clamp_gradient)
+    if weights is not None:
+        values = kl_per_token(logprobs, ref_logprobs, estimator, log_ratio_clamp=log_ratio_clamp, clamp_gradient=clamp_gradient)
+        return values * check_weights("weights", weights, values)
     log_ratio = logprobs - ref_logprobs
     if clamp is not None:
         if clamp_gradient == "zero":
@@ -108,3 +135,14 @@ def kl_per_token(
         # exp(-l) - 1 + l, with expm1 for accuracy when l is small
         return torch.expm1(-log_ratio) + log_ratio
     return log_ratio.abs()
+
+
+def check_weights(name: str, weights, values: torch.Tensor) -> torch.Tensor:
+    """Importance weights: a finite, >= 0 floating tensor of ``values``' shape; returned detached."""
+    _checks.tensor(name, weights, floating=True)
+    _checks.same_shape("values", values, name, weights)
+    w = weights.detach()
+    if w.numel():
+        _checks.finite(name, w)
+        _checks.require((w >= 0).all(), ValueError, f"{name} must be importance weights >= 0; got a negative value")
+    return w

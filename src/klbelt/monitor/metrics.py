@@ -1,6 +1,6 @@
 """Per-step KL statistics computed on the tensors' device and moved to the host once.
 
-Every metric name says its unit (DESIGN.md, "Units, written down once"):
+Every metric name says its unit (docs/design.md, "Units, written down once"):
 names starting ``kl`` without ``_seq`` are **nats per token**; names with
 ``_seq`` are **nats per sequence** (the sum over a response's valid tokens).
 """
@@ -40,6 +40,17 @@ METRICS: dict[str, tuple[str, str]] = {
     "tokens": ("tokens", "valid tokens in the batch"),
     "response_len": ("tokens", "mean valid tokens per sequence"),
     "kl_hist": ("counts", "valid tokens per bin of KL_HIST_EDGES (nats/token)"),
+    # sampler mu vs trained policy pi (klbelt.kl.mismatch), tokens drawn from mu
+    "mismatch_kl": ("nats/token", "k1 estimate of KL(sampler || policy): mean of log mu - log pi"),
+    "mismatch_k3": ("nats/token", "k3 estimate of KL(sampler || policy), >= 0 per token"),
+    "mismatch_max_logratio": ("nats", "largest |log pi - log mu| over valid tokens"),
+    "mismatch_abs_logratio_mean": ("nats", "mean |log pi - log mu| over valid tokens (TRL's sampling_logp_difference)"),
+    "mismatch_chi2": ("unitless", "E_mu[(pi/mu)^2] - 1 per token, the IS weight's variance"),
+    "mismatch_log_ppl_abs_diff": ("nats/token", "|log PPL(policy) - log PPL(sampler)| (verl's log_ppl_abs_diff)"),
+    "is_weight_mean": ("ratio", "mean importance weight pi/mu over valid tokens, after truncation/masking"),
+    "is_weight_min": ("ratio", "smallest importance weight"),
+    "is_weight_max": ("ratio", "largest importance weight"),
+    "is_clipped_frac": ("fraction", "share of valid tokens whose weight was truncated or zeroed"),
 }
 
 _DECADES = [1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1, 3e-1, 1.0, 3.0, 10.0]

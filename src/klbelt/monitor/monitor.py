@@ -184,7 +184,7 @@ class KLMonitor:
         return self.engine.verdicts(self.history)
 
     def exit_code(self) -> int:
-        """0 healthy, 1 warnings, 2 unhealthy."""
+        """0 healthy, 1 warnings, 2 unhealthy, 4 nothing could be checked (every rule n/a)."""
         return exit_code(self.verdicts())
 
     def write_report(self, path, title: str = "klbelt run") -> Path:

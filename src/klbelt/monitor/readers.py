@@ -33,6 +33,39 @@ ALIASES = {
     "ppo/mean_scores": "reward",
     "rewards/mean": "reward",
     "gold_score": "gold_reward",
+    # sampler/trainer mismatch (klbelt.kl.mismatch; units in METRICS). TRL GRPO's "sampling/..." (vLLM IS
+    # correction): mean/max of |log pi - log mu| (nats) and the IS ratio after truncation/masking.
+    "sampling/sampling_logp_difference/mean": "mismatch_abs_logratio_mean",
+    "sampling/sampling_logp_difference/max": "mismatch_max_logratio",
+    "sampling/importance_sampling_ratio/min": "is_weight_min",
+    "sampling/importance_sampling_ratio/mean": "is_weight_mean",
+    "sampling/importance_sampling_ratio/max": "is_weight_max",
+    # verl's rollout correction: KL(rollout || training) per token, k1 and k3; chi-square; IS weights
+    "rollout_corr/kl": "mismatch_kl",
+    "rollout_corr/k3_kl": "mismatch_k3",
+    "rollout_corr/chi2_token": "mismatch_chi2",
+    "rollout_corr/log_ppl_abs_diff": "mismatch_log_ppl_abs_diff",
+    "rollout_corr/rollout_is_mean": "is_weight_mean",
+    "rollout_corr/rollout_is_min": "is_weight_min",
+    "rollout_corr/rollout_is_max": "is_weight_max",
+    # OpenRLHF: vllm_kl = masked mean of (rollout - old) log-probs, the k1 of KL(mu || pi), nats/token
+    "vllm_kl": "mismatch_kl",
+    "_step": "step",  # a W&B history CSV export
+    # verl (checked on verl 0.9.1; docs/readers.md): KL to the reference, both nats/token. kl_loss: the
+    # kl_loss_type estimator (default low_var_kl = k3) aggregated by loss_agg_mode (default token-mean);
+    # reward_kl_penalty: mean over sequences of the per-sequence token-mean of the in-reward KL
+    "actor/kl_loss": "kl",
+    "actor/kl_coef": "kl_coef",
+    "actor/reward_kl_penalty": "kl",
+    "actor/reward_kl_penalty_coeff": "kl_coef",
+    "critic/score/mean": "reward",
+    "actor/entropy": "entropy",
+    # KL between the old (rollout-time) and the new policy inside a PPO update (a step size, NOT the KL to
+    # the reference): verl actor/ppo_kl, OpenRLHF ppo_kl, TRL PPO policy/approxkl_avg, approx_kl
+    "actor/ppo_kl": "kl_old_policy",
+    "ppo_kl": "kl_old_policy",
+    "approx_kl": "kl_old_policy",
+    "policy/approxkl_avg": "kl_old_policy",
 }
 _PREFIXES = ("klbelt/", "train/")
 
@@ -92,13 +125,15 @@ def _fail(path, problem) -> RunReadError:
 
 
 def read_jsonl(path) -> Run:
-    """klbelt's ``metrics.jsonl``. A last line cut short by a crash is dropped with a warning."""
+    """klbelt's ``metrics.jsonl``, or verl's file logger (``{"step": N, "data": {...}}`` per line).
+
+    A last line cut short by a crash is dropped with a warning."""
     path = Path(path)
     try:
         lines = path.read_text(encoding="utf-8").splitlines()
     except UnicodeDecodeError:
         raise _fail(path, "not a text file (expected JSON lines)") from None
-    records, notes = [], []
+    records, notes, fmt = [], [], "jsonl"
     content = [(i, line) for i, line in enumerate(lines, 1) if line.strip()]
     for j, (lineno, line) in enumerate(content):
         try:
@@ -112,10 +147,13 @@ def read_jsonl(path) -> Run:
             raise _fail(path, f"line {lineno} is not JSON (expected one JSON object per line)") from None
         if not isinstance(obj, dict) or "step" not in obj:
             raise _fail(path, f"line {lineno} is not a klbelt step record (a JSON object with a 'step' key)")
+        if set(obj) == {"step", "data"} and isinstance(obj["data"], dict):  # verl's file logger
+            fmt = "verl_jsonl"
+            obj = {"step": obj["step"], **{k: v for k, v in obj["data"].items() if _number(v) is not None}}
         records.append({canonical_name(k): v for k, v in obj.items()})
     if not records:
         raise _fail(path, "no step records")
-    return Run(path, "jsonl", records, notes)
+    return Run(path, fmt, records, notes)
 
 
 def read_trainer_state(path) -> Run:
@@ -212,9 +250,26 @@ def read_run(path, columns: dict | None = None) -> Run:
     """
     path = Path(path)
     try:
-        return _read_run(path, columns)
+        run = _read_run(path, columns)
     except OSError as e:
         raise _fail(path, f"cannot read ({e.strerror or e.__class__.__name__})") from None
+    if columns and run.format != "csv":  # the CSV reader maps its own columns
+        _map_columns(run, columns)
+    return run
+
+
+def _map_columns(run: Run, columns: dict) -> None:
+    """Rename ``SOURCE`` (as logged, or its canonical name) to ``NAME`` in every record of ``run``."""
+    for name, source in columns.items():
+        keys = [k for k in (source, canonical_name(source)) if any(k in r for r in run.records)]
+        if not keys:
+            raise _fail(run.path, f"--column {name}={source}: no metric {source!r} in this {run.format} log")
+        for r in run.records:
+            if keys[0] in r:
+                value = r.pop(keys[0])
+                r[name] = int(value) if name == "step" else value
+    if "step" in columns:
+        run.records.sort(key=lambda r: r["step"])
 
 
 def _read_run(path: Path, columns) -> Run:
@@ -229,12 +284,22 @@ def _read_run(path: Path, columns) -> Run:
             return read_trainer_state(checkpoints[-1])
         if (path / "metrics.csv").is_file():
             return read_csv(path / "metrics.csv", columns)
+        from .external import mlflow_run_dir, read_mlflow, read_wandb, wandb_file
+
+        if wandb_file(path) is not None:
+            return read_wandb(path)
+        if mlflow_run_dir(path) is not None:
+            return read_mlflow(path)
         return read_tensorboard(path)
     name = path.name
     if name.startswith("events.out.tfevents."):
         return read_tensorboard(path)
     if path.suffix == ".csv":
         return read_csv(path, columns)
+    if path.suffix == ".wandb":
+        from .external import read_wandb
+
+        return read_wandb(path)
     if path.suffix in (".jsonl", ".ndjson"):
         return read_jsonl(path)
     if path.suffix == ".json":

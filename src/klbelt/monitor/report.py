@@ -14,6 +14,7 @@ from pathlib import Path
 from .._files import atomic_write
 from .metrics import KL_HIST_EDGES
 from .rules import diagnose, exit_code
+from .token_report import TOKEN_CSS, find_token_file, read_token_log, token_section_html
 
 BAND = (0.01, 0.1)  # the article's healthy mean KL, nats/token
 _STATUS_COLOR = {"ok": "#1a7f37", "warning": "#9a6700", "unhealthy": "#cf222e", "n/a": "#6e7781"}
@@ -177,12 +178,12 @@ def figures(records, alerts=()) -> tuple[list[tuple[str, str, bytes]], list[str]
     return out, missing
 
 
-def render_html(records, *, title, verdicts, alerts, source="") -> str:
-    """The report page as a string."""
+def render_html(records, *, title, verdicts, alerts, source="", token_html="") -> str:
+    """The report page as a string (``token_html``: the per-token KL section, see :mod:`.token_report`)."""
     figs, missing = figures(records, alerts)
     code = exit_code(verdicts)
-    overall = ["healthy", "warnings", "unhealthy"][code]
-    color = _STATUS_COLOR[["ok", "warning", "unhealthy"][code]]
+    overall = {0: "healthy", 1: "warnings", 2: "unhealthy"}.get(code, "nothing could be checked")
+    color = _STATUS_COLOR[{0: "ok", 1: "warning", 2: "unhealthy"}.get(code, "n/a")]
     esc = html.escape
     rows = "\n".join(
         f"<tr><td>{esc(v.rule)}</td><td style='color:{_STATUS_COLOR[v.status]};font-weight:bold'>{esc(v.status)}</td>"
@@ -205,6 +206,7 @@ body{{font-family:system-ui,sans-serif;max-width:1000px;margin:2em auto;padding:
 table{{border-collapse:collapse;width:100%;font-size:14px}}td,th{{border:1px solid #d0d7de;padding:4px 6px;vertical-align:top}}
 th{{background:#f6f8fa;text-align:left}}figure{{margin:1.5em 0}}img{{max-width:100%}}
 figcaption,.missing,.meta{{color:#57606a;font-size:14px}}
+{TOKEN_CSS}
 </style></head><body>
 <h1>{esc(title)}</h1>
 <p class="meta">{esc(source)} &middot; {esc(steps)}</p>
@@ -214,15 +216,20 @@ figcaption,.missing,.meta{{color:#57606a;font-size:14px}}
 {rows}
 </table>
 {fig_html}
+{token_html}
 {missing_html}
 </body></html>
 """
 
 
-def write_report(history, out, *, title="klbelt run", verdicts=None, alerts=None, rules=None, source="") -> Path:
+def write_report(history, out, *, title="klbelt run", verdicts=None, alerts=None, rules=None, source="", token_file=None,
+                 bon_file=None) -> Path:
     """Write the HTML report of ``history`` (records, or a :class:`~klbelt.monitor.readers.Run`) to ``out``.
 
-    Verdicts and alerts are recomputed with ``rules`` unless given. The file is
+    Verdicts and alerts are recomputed with ``rules`` unless given. The responses shaded
+    by per-token KL come from ``token_file`` (default: ``token_kl.jsonl`` beside a Run's
+    file); without one that section is left out. ``bon_file``: a ``klbelt bon`` bon.json;
+    with it the page gains the over-optimisation frontier (gold reward vs kl_seq). The file is
     written to a temporary name and renamed, so no half-written report is left.
     """
     records = getattr(history, "records", history)
@@ -231,7 +238,13 @@ def write_report(history, out, *, title="klbelt run", verdicts=None, alerts=None
     records = list(records)
     if verdicts is None or alerts is None:
         verdicts, alerts = diagnose(records, rules)
-    page = render_html(records, title=title, verdicts=verdicts, alerts=alerts, source=source)
+    token_file = token_file or find_token_file(getattr(history, "path", None))
+    token_html = token_section_html(read_token_log(token_file), records) if token_file else ""
+    if bon_file:  # the over-optimisation frontier: this run next to best-of-n (klbelt bon's bon.json)
+        from .frontier import frontier_section_html
+
+        token_html += frontier_section_html(records, bon_file)
+    page = render_html(records, title=title, verdicts=verdicts, alerts=alerts, source=source, token_html=token_html)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     atomic_write(out, "w", lambda f: f.write(page))

@@ -29,6 +29,7 @@ class Finding:
     message: str
     value: float
     key: str = ""
+    severity: str | None = None  # overrides the rule's severity (a rule with a warning and an unhealthy level)
 
 
 @dataclass
@@ -127,6 +128,10 @@ class Rule:
     def missing(self) -> str:
         return f"not checked: the run logs none of {', '.join(self.metrics)}"
 
+    def min_steps(self) -> int:
+        """Records of its metric the rule needs before it can fire (fewer: its verdict is n/a, not ok)."""
+        return 1
+
     def thresholds(self) -> str:  # pragma: no cover - overridden
         return ""
 
@@ -153,6 +158,9 @@ class KLBand(Rule):
 
     def thresholds(self):
         return f"{self.low} <= kl <= {self.high} nats/token, {self.patience} steps in a row (low: after {self.warmup})"
+
+    def min_steps(self):
+        return self.patience
 
     def missing(self):
         return "not checked: no per-token mean KL (kl) in the log; the band is in nats/token, not nats/sequence"
@@ -196,6 +204,9 @@ class MaxKLSpike(Rule):
             f"(after {self.min_history} steps)"
         )
 
+    def min_steps(self):
+        return self.min_history + 1
+
     def check(self, history):
         metric = self.metric(history)
         if metric is None:
@@ -238,6 +249,9 @@ class KLRunaway(Rule):
             f"3 x {self.segment}-step means of KL each > {1 + self.growth:g}x the previous, latest rise >= "
             f"{self.min_ratio} x the previous rise, {self.patience} steps in a row (unit of the metric used)"
         )
+
+    def min_steps(self):
+        return 3 * self.segment
 
     def _holds(self, vals):
         s = self.segment
@@ -289,6 +303,9 @@ class RewardHacking(Rule):
     def thresholds(self):
         return f"over {self.window} steps: reward z > +{self.z} and gold reward z < -{self.z} (half vs half)"
 
+    def min_steps(self):
+        return self.window
+
     def missing(self):
         return "not checked: no gold_reward (or fluency) in the log, so proxy-vs-true reward cannot be compared"
 
@@ -339,6 +356,9 @@ class ModeCollapse(Rule):
             f"({', '.join(self.metrics)})"
         )
 
+    def min_steps(self):
+        return self.baseline + self.recent
+
     def check(self, history):
         for metric in self.metrics:
             vals = _values(history, metric)
@@ -373,6 +393,9 @@ class NegativeKL(Rule):
     def thresholds(self):
         return f"kl < -{self.tol} for {self.patience} steps in a row"
 
+    def min_steps(self):
+        return self.patience
+
     def check(self, history):
         metric = self.metric(history)
         if metric is None:
@@ -388,9 +411,74 @@ class NegativeKL(Rule):
         return None
 
 
+class RolloutMismatch(Rule):
+    """The rollout sampler mu drifting from the trained policy pi (e.g. a bf16 / vLLM sampler, fp32 trainer).
+
+    Reads the mismatch KL(mu || pi) per token (``mismatch_k3`` or ``mismatch_kl``,
+    nats/token; verl's ``rollout_corr/k3_kl``/``kl``, OpenRLHF's ``vllm_kl``).
+    *Warning* when it has been above ``warn`` for ``patience`` steps (default
+    0.01 nats/token, a fifth of the trainer's default target_kl of 0.05).
+    *Unhealthy* when, after ``warmup`` steps, it has been at least the KL to
+    the reference the belt is holding (``kl``, nats/token) for ``patience``
+    steps: the KL estimate is then dominated by sampler noise, and the
+    controller steers that, not the policy.
+    """
+
+    name = "rollout_mismatch"
+    metrics = ("mismatch_k3", "mismatch_kl")
+
+    def __init__(self, warn=0.01, patience=3, warmup=10, severity="unhealthy"):
+        super().__init__(severity)
+        self.warn = _positive("warn", warn)
+        self.patience, self.warmup = int(_positive("patience", patience)), int(warmup)
+
+    def thresholds(self):
+        return (
+            f"KL(sampler||policy) > {self.warn} nats/token (warning) or >= kl, the KL to the reference "
+            f"(unhealthy, after {self.warmup} steps), {self.patience} steps in a row"
+        )
+
+    def min_steps(self):
+        return self.patience
+
+    def missing(self):
+        return "not checked: the run logs no sampler/trainer mismatch (mismatch_kl, mismatch_k3; sampler = policy?)"
+
+    def check(self, history):
+        metric = self.metric(history)
+        if metric is None or history[-1].get(metric) is None:
+            return None
+        rows = [r for r in history[-self.patience :] if _values([r], metric)]
+        if len(rows) < self.patience:
+            return None
+        mismatch = [float(r[metric]) for r in rows]
+        belt = [float(r["kl"]) if _values([r], "kl") else None for r in rows]
+        last = mismatch[-1]
+        if len(history) > self.warmup and all(b is not None and m >= max(b, 0.0) for m, b in zip(mismatch, belt)):
+            return Finding(
+                f"the sampler/trainer mismatch KL(sampler||policy) {last:.3g} nats/token is at least the KL to the "
+                f"reference the belt is holding ({belt[-1]:.3g} nats/token) for {self.patience} steps: the controller "
+                "is steering sampler noise; turn on rollout_correction (tis/mis), align sampler and trainer "
+                "precision, or stop before the run collapses",
+                last,
+                "drowned",
+                "unhealthy",
+            )
+        if all(m > self.warn for m in mismatch):
+            return Finding(
+                f"the sampler/trainer mismatch KL(sampler||policy) is {last:.3g} nats/token (> {self.warn}) for "
+                f"{self.patience} steps: the rollouts are off-policy; watch it against the KL to the reference and "
+                "use rollout_correction (tis/mis)",
+                last,
+                "high",
+                "warning",
+            )
+        return None
+
+
 def default_rules() -> list[Rule]:
-    """A fresh set of the six rules with their default thresholds."""
-    return [KLBand(), MaxKLSpike(), KLRunaway(), RewardHacking(), ModeCollapse(), NegativeKL()]
+    """A fresh set of the seven rules with their default thresholds."""
+    return [KLBand(), MaxKLSpike(), KLRunaway(), RewardHacking(), ModeCollapse(), NegativeKL(), RolloutMismatch()]
 
 
 class RuleEngine:
@@ -416,7 +504,7 @@ class RuleEngine:
                 self._active[rule.name] = None
                 continue
             if self._active[rule.name] != finding.key:
-                alert = Alert(rule.name, rule.severity, int(step), finding.message, float(finding.value))
+                alert = Alert(rule.name, finding.severity or rule.severity, int(step), finding.message, float(finding.value))
                 new.append(alert)
                 self._active[rule.name] = finding.key
         self.alerts.extend(new)
@@ -428,9 +516,13 @@ class RuleEngine:
         for rule in self.rules:
             fired = [a for a in self.alerts if a.rule == rule.name]
             if fired:
-                status, message = rule.severity, fired[-1].message
+                worst = max(reversed(fired), key=lambda a: SEVERITIES.index(a.severity))  # the latest of the worst
+                status, message = worst.severity, worst.message
             elif rule.metric(history, recent=None) is None:
                 status, message = "n/a", rule.missing()
+            elif len(_values(history, rule.metric(history, recent=None))) < rule.min_steps():
+                have = len(_values(history, rule.metric(history, recent=None)))
+                status, message = "n/a", f"not enough steps ({have} of {rule.min_steps()})"
             else:
                 status, message = "ok", "no alert"
             out.append(Verdict(rule.name, rule.severity, status, message, rule.thresholds(), [a.step for a in fired]))
@@ -446,7 +538,13 @@ def diagnose(history, rules=None) -> tuple[list[Verdict], list[Alert]]:
     return engine.verdicts(history), engine.alerts
 
 
+#: ``exit_code`` when every rule is n/a: the run logs nothing the rules read, or too few steps
+NOTHING_CHECKED = 4
+
+
 def exit_code(verdicts) -> int:
-    """0 healthy, 1 warnings, 2 unhealthy (``klbelt doctor``'s exit code)."""
+    """0 healthy, 1 warnings, 2 unhealthy, 4 nothing could be checked (every rule n/a; ``klbelt doctor``'s code)."""
     statuses = {v.status for v in verdicts}
+    if verdicts and statuses == {"n/a"}:
+        return NOTHING_CHECKED
     return 2 if "unhealthy" in statuses else 1 if "warning" in statuses else 0

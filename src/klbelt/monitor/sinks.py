@@ -118,8 +118,12 @@ def make_sink(kind, log_dir):
     """A sink object from a name (``"jsonl"``, ``"csv"``, ``"tensorboard"``) placed under ``log_dir``."""
     if not isinstance(kind, str):
         return kind
+    if kind in ("wandb", "mlflow"):  # klbelt.monitor.external: W&B run under log_dir / MLflow store log_dir/mlruns
+        from . import external
+
+        return (external.WandbSink if kind == "wandb" else external.MLflowSink)(log_dir)
     if kind not in SINKS:
-        raise ValueError(f"sinks must hold sink objects or names from {tuple(SINKS)}, got {kind!r}")
+        raise ValueError(f"sinks must hold sink objects or names from {tuple(SINKS) + ('wandb', 'mlflow')}, got {kind!r}")
     if log_dir is None:
         raise ValueError(f"log_dir is needed for the {kind!r} sink (where its file goes)")
     cls, name = SINKS[kind]

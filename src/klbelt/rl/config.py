@@ -1,4 +1,10 @@
-"""The trainer's configuration: one dataclass, every knob documented in place."""
+"""The trainer's configuration: one dataclass, every knob documented in place.
+
+The comment beside each field is its help text (``klbelt train --help``,
+``TrainConfig.field_help``); a new field needs one (a test checks), or
+``field(metadata={"help": ...})``. Reading files and command-line values,
+TRL/verl aliases: ``klbelt.rl.fields``.
+"""
 
 from __future__ import annotations
 
@@ -29,6 +35,10 @@ class TrainConfig:
     top_p: float = 1.0  # 1.0 = off
     stop_on_eos: bool = True  # end a response at EOS (masked after it)
     block_eos: bool = False  # never sample EOS: every response is full length
+    sampler: str = "policy"  # who draws rollouts: "policy" (the trained model, as trained) or "bf16" (same weights, bf16 autocast + KV cache: a real sampler/trainer mismatch)
+    rollout_correction: str = "off"  # sampler != policy: "off", "tis" (token min(pi/mu, is_cap)), "mis" (sequence masked IS), "band" (token weight 0 outside is_band)
+    is_cap: float = 2.0  # the issue's `cap`: truncation cap (tis) / upper edge (mis) of the importance weight pi/mu, > 1
+    is_band: list[float] | None = None  # the issue's `band`: [lo, hi] with 0 <= lo < 1 < hi for "band"/"mis" (null: [0.5, 2.0] for "band")
     # --- KL penalty
     kl_in: str = "reward"  # "reward": -beta*k1 per token in the reward (PPO); "loss": beta*k2|k3 in the loss (GRPO)
     kl_estimator: str = "k1"  # estimator for kl_in: k1 (reward), k2 or k3 (loss)
@@ -59,9 +69,12 @@ class TrainConfig:
     out: str = "runs/train"  # output directory (metrics.jsonl, samples.jsonl, config.json, checkpoint)
     checkpoint_every: int = 10  # updates between checkpoints (and at the end)
     samples_every: int = 10  # updates between sample dumps into samples.jsonl
-    eval_prompts: int = 0  # reserved for evaluation generations (0 = off)
+    report_to: list[str] | None = None  # where metrics and alerts also go: any of "jsonl", "csv", "tensorboard", "wandb", "mlflow" (metrics.jsonl is always written)
 
     def __post_init__(self):
+        from ..kl.estimators import ESTIMATOR_ALIASES
+
+        self.kl_estimator = ESTIMATOR_ALIASES.get(self.kl_estimator, self.kl_estimator)  # verl's names: kl, mse, low_var_kl
         choices = {
             "kl_in": ("reward", "loss"),
             "kl_estimator": ("k1", "k2", "k3", "abs"),
@@ -69,7 +82,13 @@ class TrainConfig:
             "kl_unit": ("token-mean", "seq-sum"),
             "advantage": ("gae", "group"),
             "clamp_gradient": ("zero", "pass"),
+            "sampler": ("policy", "bf16"),
+            "rollout_correction": ("off", "tis", "mis", "band"),
         }
+        if self.report_to is not None:
+            sinks = ("jsonl", "csv", "tensorboard", "wandb", "mlflow")
+            if isinstance(self.report_to, str) or not all(s in sinks for s in self.report_to):
+                raise ValueError(f"config report_to must be a list of {', '.join(map(repr, sinks))}; got {self.report_to!r}")
         for name, valid in choices.items():
             value = getattr(self, name)
             if value not in valid:
@@ -101,6 +120,10 @@ class TrainConfig:
             and all(isinstance(g, (int, float)) and not isinstance(g, bool) and 0 <= g < float("inf") for g in self.pid_gains)
         ):
             raise ValueError(f"config pid_gains must be null or three finite numbers >= 0 [kp, ki, kd], got {self.pid_gains!r}")
+        from ..kl.mismatch import check_band, check_cap
+
+        check_cap(self.is_cap, "config is_cap")
+        check_band(self.is_band, "config is_band")
         if not isinstance(self.bf16, bool):
             raise ValueError(f"config bf16 must be true or false, got {self.bf16!r}")
         if self.batch_size % self.group_size:
@@ -113,15 +136,25 @@ class TrainConfig:
             raise ValueError("config kl_in='loss' needs kl_estimator 'k2' (grad of KL(pi||ref)) or 'k3' (grad of KL(ref||pi))")
 
     @classmethod
-    def from_dict(cls, values: dict) -> "TrainConfig":
-        valid = [f.name for f in dataclasses.fields(cls)]
-        unknown = [k for k in values if k not in valid]
-        if unknown:
-            raise ValueError(f"unknown config key {unknown[0]!r}; valid keys: {', '.join(valid)}")
+    def from_dict(cls, values: dict, notes: list | None = None) -> "TrainConfig":
+        """Fields by klbelt's names or TRL/verl aliases (``beta``, ``num_generations``, ...);
+        strings such as ``"1e-6"`` are read as the field's type. Each alias used adds a line to ``notes``."""
+        from .fields import canonical
+
+        values, said = canonical(cls, values)
+        if notes is not None:
+            notes.extend(said)
         return cls(**values)
 
     @classmethod
-    def from_file(cls, path: str | Path) -> "TrainConfig":
+    def field_help(cls, name: str) -> str:
+        """The help text of one field (from its comment above, or ``metadata["help"]``)."""
+        from .fields import field_help
+
+        return field_help(cls, name)
+
+    @classmethod
+    def from_file(cls, path: str | Path, notes: list | None = None) -> "TrainConfig":
         path = Path(path)
         try:
             text = path.read_text()
@@ -129,16 +162,18 @@ class TrainConfig:
             raise ValueError(f"config file {path}: cannot be read ({exc.strerror or exc})") from None
         try:
             if path.suffix in (".yaml", ".yml"):
-                import yaml
+                from .fields import load_yaml
 
-                values = yaml.safe_load(text)
+                values = load_yaml(text)  # YAML 1.2 numbers: 1e-6 is a float
             else:
                 values = json.loads(text)
+        except ImportError:
+            raise
         except Exception as exc:
             raise ValueError(f"config file {path}: not valid {'YAML' if path.suffix in ('.yaml', '.yml') else 'JSON'} ({exc})") from None
         if not isinstance(values, dict):
             raise ValueError(f"config file {path}: expected a mapping of keys to values, got {type(values).__name__}")
-        return cls.from_dict(values)
+        return cls.from_dict(values, notes)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

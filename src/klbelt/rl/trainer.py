@@ -27,7 +27,9 @@ from .lora import Reference, apply_lora, autocast, is_lora, load_policy_state, p
 from .losses import ppo_policy_loss, ppo_value_loss
 from .precision import MasterWeights
 from .rollout import Rollout, response_logprobs, sample
+from .samplers import RolloutCorrection, make_sampler
 from .text_metrics import distinct_n, exclaim_rate
+from .token_log import TOKEN_KL_FILE, token_kl_record
 
 RewardFn = Callable[[list[str]], torch.Tensor]
 
@@ -196,6 +198,7 @@ def train(
         tokenizer.pad_token = tokenizer.eos_token
     eos = tokenizer.eos_token_id
     metrics_log, samples_log = JsonlLog(out / "metrics.jsonl"), JsonlLog(out / "samples.jsonl")
+    token_log = JsonlLog(out / TOKEN_KL_FILE)  # per-token KL of a few responses per step, for the report
     ckpt_path = out / "checkpoint.pt"
     start = 0
     if resume and not ckpt_path.exists():
@@ -225,12 +228,15 @@ def train(
     replayed = [r for r in read_jsonl(metrics_log.path) if r["step"] < start] if start else []
     if world.is_main:
         if not resume:
-            for log in (metrics_log, samples_log):
+            for log in (metrics_log, samples_log, token_log):
                 log.path.unlink(missing_ok=True)
         metrics_log.keep_steps_before(start)
         samples_log.keep_steps_before(start)
+        token_log.keep_steps_before(start)
         atomic_write_text(out / "config.json", json.dumps(cfg.to_dict(), indent=2) + "\n")
-    monitor = KLMonitor(sinks=(), warn=warn_alerts and world.is_main)
+    # report_to: metrics and alerts also to csv / tensorboard / wandb / mlflow under `out` (metrics.jsonl is metrics_log)
+    extra_sinks = [k for k in dict.fromkeys(cfg.report_to or ()) if k != "jsonl"] if world.is_main else []
+    monitor = KLMonitor(out if extra_sinks else None, sinks=extra_sinks, warn=warn_alerts and world.is_main)
     replay = KLMonitor(sinks=(), warn=False)  # re-derive the rules' state of a resumed run, silently
     for old in replayed:
         replay.log_metrics(old["step"], {k: v for k, v in old.items() if k != "alerts"})
@@ -257,6 +263,9 @@ def train(
     ref_print = fingerprint(reference.base_parameters())
     group = world.group
     rows = world.shard(cfg.batch_size)  # this rank's rows of the global batch
+    # the sampler mu that draws the rollouts, and the correction when mu is not the trained pi
+    draw = make_sampler(cfg.sampler)
+    correction = RolloutCorrection(cfg.sampler, cfg.rollout_correction, cfg.is_cap, tuple(cfg.is_band) if cfg.is_band else None)
     history = []
     for step in range(start, cfg.steps):
         t0 = time.perf_counter()
@@ -269,7 +278,7 @@ def train(
         batch_prompts = [prompts[i] for i in idx for _ in range(cfg.group_size)]
         enc = tokenizer(batch_prompts, return_tensors="pt", padding=True)
         uniforms = torch.rand(cfg.batch_size, cfg.max_new_tokens, generator=sample_gen, device=device)
-        roll = sample(
+        roll = draw(
             policy,
             enc["input_ids"][rows].to(device),
             enc["attention_mask"][rows].to(device),
@@ -290,7 +299,8 @@ def train(
         scores = call_reward(reward_fn, texts, roll).to(device)
         with torch.no_grad():
             ref_logprobs = reference.logprobs(roll, cfg.temperature)
-            old_logprobs = roll.logprobs
+            # pi's log-probs of mu's tokens (the sampler's own when mu is pi), weights pi/mu or None
+            old_logprobs, is_weights, mismatch = correction(policy, roll, cfg.temperature, use_bf16)
             old_values = critic(roll) if critic else None
         n_tokens = mask.sum(-1).clamp_min(1)
         ref_nll = -(ref_logprobs * mask).sum(-1) / n_tokens  # per sample, nats/token
@@ -301,6 +311,8 @@ def train(
                                log_ratio_clamp=cfg.log_ratio_clamp, clamp_gradient=cfg.clamp_gradient)
         # the KL the controller and the metrics see is never clamped: it is the run's true drift
         kl = (old_logprobs - ref_logprobs) * mask if cfg.log_ratio_clamp else shaped.kl
+        if is_weights is not None:  # tokens drawn from mu: w * k1 estimates KL(pi||ref)
+            kl = kl * is_weights
         if critic:
             advantages, returns = gae(shaped.rewards, old_values, mask, cfg.gamma, cfg.lam)
         else:
@@ -311,6 +323,8 @@ def train(
             advantages, returns = (to_go - baseline) * mask, None
         if cfg.whiten_advantages:
             advantages = whiten(advantages, mask, group=group)
+        if is_weights is not None:  # w >= 0, so w * PPO's clipped term = PPO's term with advantage w * A
+            advantages = advantages * is_weights
 
         # 4. PPO: epochs x minibatches of clipped policy (and value) updates. Losses are
         #    global means (sum over ranks / global count); DDP averages gradients over the
@@ -328,7 +342,8 @@ def train(
                 loss = pg_loss
                 if cfg.kl_in == "loss":
                     kl_term = kl_per_token(logprobs, ref_logprobs[mb], cfg.kl_estimator,
-                                           log_ratio_clamp=cfg.log_ratio_clamp, clamp_gradient=cfg.clamp_gradient)
+                                           log_ratio_clamp=cfg.log_ratio_clamp, clamp_gradient=cfg.clamp_gradient,
+                                           weights=None if is_weights is None else is_weights[mb])
                     loss = loss + kl_coef * aggregate(kl_term, mask[mb], "token-mean", group=group)
                 if cfg.entropy_coef:
                     loss = loss - cfg.entropy_coef * aggregate(entropy, mask[mb], "token-mean", group=group)
@@ -359,7 +374,7 @@ def train(
         #    every rank. The step's other global sums (entropy, k3) travel in the same all-reduce.
         n_seqs = (mask.sum(-1) > 0).sum()
         entropy_sum, entropy_count = (sum(x) for x in zip(*entropy_sums))
-        k3_sum = (kl_per_token(old_logprobs, ref_logprobs, "k3") * mask).sum()
+        k3_sum = (kl_per_token(old_logprobs, ref_logprobs, "k3", weights=is_weights) * mask).sum()
         sums = [(kl * mask).sum(), mask.sum() if controller.unit == "token-mean" else n_seqs, entropy_sum, entropy_count, k3_sum, mask.sum()]
         kl_sum, kl_count, entropy_sum, entropy_count, k3_sum, n_tokens = world.all_sum(torch.stack(sums).double()).tolist()
         observed_kl = kl_sum / kl_count if kl_count else 0.0  # nats/token, or nats/sequence for "seq-sum"
@@ -397,14 +412,17 @@ def train(
             clip_frac=clip_frac,
             approx_kl=approx_kl,
             seconds=time.perf_counter() - t0,
+            **mismatch,
         )
         if world.is_main:
             metrics_log.append(record)
             if step % cfg.samples_every == 0 or step == cfg.steps - 1:
                 samples_log.append({"step": step, "prompts": batch_prompts[:4], "responses": texts[:4], "rewards": per_seq[:4, 0].tolist()})
+            token_log.append(token_kl_record(step, batch_prompts[rows], roll.responses, mask, kl, tokenizer))  # rank 0's first rows
             if (step + 1) % cfg.checkpoint_every == 0 or step == cfg.steps - 1:
                 metrics_log.sync()
                 samples_log.sync()
+                token_log.sync()
                 save_checkpoint(step + 1)
         history.append(record)
         if on_step:
@@ -416,6 +434,7 @@ def train(
         import gc
 
         gc.collect()
+    monitor.close()
     if world.is_main:
         write_run_report(out)
     return history
@@ -436,4 +455,7 @@ def write_run_report(out: Path) -> Path | None:
         return None
     from ..monitor import write_report
 
-    return write_report(read_jsonl(out / "metrics.jsonl"), out / "report.html", title=f"klbelt run: {out}")
+    from ..monitor.token_report import find_token_file
+
+    return write_report(read_jsonl(out / "metrics.jsonl"), out / "report.html", title=f"klbelt run: {out}",
+                        token_file=find_token_file(out))

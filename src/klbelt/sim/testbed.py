@@ -29,7 +29,7 @@ import torch
 
 from ..control.controllers import FixedKLController, _number
 from ..kl import _checks
-from ..kl.estimators import ESTIMATORS, kl_per_token
+from ..kl.estimators import ESTIMATOR_ALIASES, ESTIMATORS, kl_per_token
 from ..shaping.shape import shape_rewards
 
 GRADIENTS = ("exact", "sampled")
@@ -214,7 +214,8 @@ def simulate(
         if value < low:
             raise ValueError(f"{name} must be >= {low}, got {value}")
     _checks.choice("gradient", gradient, GRADIENTS)
-    _checks.choice("estimator", estimator, ESTIMATORS)
+    _checks.choice("estimator", estimator, ESTIMATORS + tuple(ESTIMATOR_ALIASES))
+    estimator = ESTIMATOR_ALIASES.get(estimator, estimator)  # verl's names: kl, mse, low_var_kl
     _checks.choice("kl_in", kl_in, KL_PLACEMENTS)
     _checks.choice("optimizer", optimizer, OPTIMIZERS)
     lr = _number("lr", lr, positive=True)

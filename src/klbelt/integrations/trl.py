@@ -1,0 +1,182 @@
+"""klbelt inside TRL: a klbelt controller drives ``GRPOTrainer.beta``, the monitor watches the run.
+
+One line::
+
+    from klbelt.integrations import trl as kltrl
+    kltrl.attach(trainer, controller=klbelt.AdaptiveKLController(0.04, target_kl=0.05, unit="token-mean"))
+    trainer.train()                                    # or train(resume_from_checkpoint=True)
+
+How it works (checked on TRL 1.0.0): ``GRPOTrainer`` keeps beta in
+``trainer.beta`` and reads it on every loss computation
+(``per_token_loss + self.beta * per_token_kl``), so assigning ``trainer.beta``
+between steps changes the next steps' loss. TRL logs ``kl`` as the mean over
+completion tokens of k3 = exp(ref - logp) - (ref - logp) - 1 (nats/token,
+averaged over the ``logging_steps`` steps since the last log and over
+processes), so the controller must be in ``unit="token-mean"``.
+
+Resume: the controller's ``state_dict()`` is written atomically to
+``checkpoint-N/kl_controller.json`` on every save and read back when training
+resumes from ``checkpoint-N``; the beta in effect is set from it before the
+first resumed step.
+
+Refused, with an error, instead of silently doing nothing:
+  * beta == 0 at construction: TRL then loads no reference model and neither
+    computes nor logs the KL, so the controller would never hear from it;
+  * ``use_liger_kernel=True``: Liger's fused GRPO loss copies beta when the
+    trainer is built, so a changed ``trainer.beta`` is never used.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+from transformers import TrainerCallback
+
+from .._files import atomic_write
+from .hf import KLMonitorCallback
+
+__all__ = ["KLControllerCallback", "KLMonitorCallback", "attach", "STATE_FILE", "LOGGED_KL_UNIT"]
+
+#: the file holding the controller's state inside each ``checkpoint-N`` folder
+STATE_FILE = "kl_controller.json"
+#: the unit of the ``kl`` TRL's GRPOTrainer logs (a per-token mean of k3)
+LOGGED_KL_UNIT = "token-mean"
+
+
+def _check_controller(controller) -> None:
+    for attr in ("kl_coef", "update", "state_dict", "load_state_dict"):
+        if not hasattr(controller, attr):
+            raise TypeError(f"controller must be a klbelt KL controller (kl_coef, update, state_dict, "
+                            f"load_state_dict), got {type(controller).__name__} without {attr!r}")
+    unit = getattr(controller, "unit", None)
+    if unit != LOGGED_KL_UNIT:
+        raise ValueError(f"controller.unit is {unit!r} but TRL's GRPOTrainer logs kl in {LOGGED_KL_UNIT!r} "
+                         f"(mean of k3 over completion tokens, nats/token); build the controller with "
+                         f"unit={LOGGED_KL_UNIT!r} and a per-token target_kl")
+
+
+def _check_trainer(trainer) -> None:
+    if not hasattr(trainer, "beta"):
+        raise TypeError(f"trainer must have a `beta` attribute that its loss reads (TRL's GRPOTrainer does), "
+                        f"got {type(trainer).__name__} without one")
+    beta = trainer.beta
+    if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not math.isfinite(beta):
+        raise TypeError(f"trainer.beta must be a finite number, got {beta!r}")
+    if beta == 0:
+        raise ValueError("trainer.beta is 0: TRL then loads no reference model and neither computes nor logs "
+                         "the KL, so a controller cannot drive it; build the trainer with GRPOConfig(beta=...) > 0 "
+                         "(e.g. the controller's initial kl_coef) and keep the controller's min_kl_coef > 0")
+    args = getattr(trainer, "args", None)
+    if getattr(args, "use_liger_kernel", False) or getattr(trainer, "use_liger_kernel", False):
+        raise ValueError("use_liger_kernel=True: Liger's fused GRPO loss copies beta when the trainer is built, "
+                         "so a beta set by a controller would never be used; set use_liger_kernel=False")
+
+
+class KLControllerCallback(TrainerCallback):
+    """Feed the ``kl`` TRL logs to a klbelt controller; set ``trainer.beta`` for the next steps.
+
+    On every ``on_log`` that has ``kl``: the beta in effect for the logged steps
+    is added to the logs as ``beta`` (before later callbacks, e.g. the monitor,
+    read them), then ``trainer.beta = controller.update(kl, n_steps)`` with
+    ``n_steps`` the number of completions behind the logged mean
+    (``logging_steps x per_device_train_batch_size x gradient_accumulation_steps x
+    world_size``). Every process receives the same gathered ``kl``, so every
+    process sets the same beta.
+
+    Callbacks are not handed the trainer: use :func:`attach`, or pass
+    ``trainer=`` here.
+
+    Args:
+        controller: a klbelt controller with ``unit="token-mean"``.
+        trainer: the trainer whose ``beta`` to set (set by :func:`attach`).
+    """
+
+    def __init__(self, controller, trainer=None):
+        _check_controller(controller)
+        self.controller = controller
+        self.trainer = None
+        if trainer is not None:
+            self.bind(trainer)
+
+    def bind(self, trainer) -> None:
+        """Check ``trainer`` (has a usable ``beta``; no Liger) and drive its beta from now on."""
+        _check_trainer(trainer)
+        self.trainer = trainer
+        trainer.beta = float(self.controller.kl_coef)
+
+    def _need_trainer(self):
+        if self.trainer is None:
+            raise RuntimeError("KLControllerCallback has no trainer: use klbelt.integrations.trl.attach(trainer, "
+                               "controller=...) or KLControllerCallback(controller, trainer=trainer)")
+        return self.trainer
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        trainer = self._need_trainer()
+        if state.global_step > 0:  # resumed: the controller continues from the checkpoint's state
+            path = _checkpoint_dir(args, state) / STATE_FILE
+            try:
+                saved = json.loads(path.read_text(encoding="utf-8"))
+            except FileNotFoundError:
+                raise FileNotFoundError(f"{path}: no KL controller state in the checkpoint being resumed "
+                                        f"(step {state.global_step}); was it saved without "
+                                        f"KLControllerCallback?") from None
+            self.controller.load_state_dict(saved)
+        trainer.beta = float(self.controller.kl_coef)
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if not logs or "kl" not in logs:  # eval logs carry "eval_kl"; the summary has no kl
+            return
+        trainer = self._need_trainer()
+        logs["beta"] = float(trainer.beta)
+        n = (args.logging_steps * args.per_device_train_batch_size * args.gradient_accumulation_steps
+             * max(1, args.world_size))
+        trainer.beta = float(self.controller.update(float(logs["kl"]), n_steps=int(n)))
+
+    def on_save(self, args, state, control, **kwargs):
+        if state.is_world_process_zero:
+            folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+            text = json.dumps(self.controller.state_dict(), indent=1)
+            atomic_write(folder / STATE_FILE, "w", lambda f: f.write(text))
+
+
+def _checkpoint_dir(args, state) -> Path:
+    resume = getattr(args, "resume_from_checkpoint", None)
+    if isinstance(resume, str) and Path(resume).is_dir() and Path(resume).name == f"checkpoint-{state.global_step}":
+        return Path(resume)
+    return Path(args.output_dir) / f"checkpoint-{state.global_step}"
+
+
+def attach(trainer, controller=None, monitor=True, **monitor_kwargs):
+    """Add klbelt to a TRL trainer in one call; returns the callbacks added.
+
+    Args:
+        trainer: a TRL ``GRPOTrainer`` (anything with ``beta``, ``add_callback``).
+        controller: a klbelt controller (``unit="token-mean"``) to drive
+            ``trainer.beta``; ``None``: leave beta alone.
+        monitor: ``True`` for a new :class:`KLMonitorCallback` (JSONL and
+            report under ``<output_dir>/klbelt``), a ``KLMonitorCallback`` to
+            use, or ``False`` for none.
+        **monitor_kwargs: passed to the new ``KLMonitorCallback``.
+
+    Returns:
+        ``(controller_callback or None, monitor_callback or None)``. The
+        controller callback runs first, so the monitor sees the ``beta`` it logs.
+    """
+    if not hasattr(trainer, "add_callback"):
+        raise TypeError(f"trainer must be a transformers/TRL Trainer (add_callback), got {type(trainer).__name__}")
+    beta_cb = None
+    if controller is not None:
+        beta_cb = KLControllerCallback(controller, trainer=trainer)
+        trainer.add_callback(beta_cb)
+    mon_cb = None
+    if monitor is True:
+        mon_cb = KLMonitorCallback(**monitor_kwargs)
+    elif isinstance(monitor, KLMonitorCallback):
+        mon_cb = monitor
+    elif monitor not in (False, None):
+        raise TypeError(f"monitor must be True, False or a KLMonitorCallback, got {type(monitor).__name__}")
+    if mon_cb is not None:
+        trainer.add_callback(mon_cb)
+    return beta_cb, mon_cb

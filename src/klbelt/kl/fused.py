@@ -1,0 +1,308 @@
+"""Log-probs, entropy and exact KL straight from the LM head: the ``[N, V]`` logits never exist.
+
+A causal LM's logits are ``z = h W^T (+ b)`` with ``h`` the last hidden states
+``[N, H]`` and ``W`` the head weight ``[V, H]``. Over a 152k vocabulary the
+logits of one long response are gigabytes, far more than the model's
+activations. The functions here compute ``z`` for a block of rows at a time,
+reduce it with the same row kernels as :func:`logprobs_from_logits` /
+:func:`kl_from_logits` (``_kernels``), and keep only per-row numbers. The
+backward pass recomputes each block's logits from ``h`` and ``W`` (one more
+matmul per block) instead of storing them, then
+
+    dL/dh = G W,    dL/dW = G^T h,    dL/db = sum_rows G,
+
+with ``G = dL/dz`` of the block. At most ``chunk_size x V`` logits (plus the
+kernels' fp32 temporaries of the same size) exist at once, forward and backward.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import _checks, _kernels
+from .exact import DIRECTIONS
+
+FUSED_CHUNK_NUMEL = 1 << 22  # default block: ~4M logits (16 MB in fp32), whatever the vocabulary
+
+
+def _block_logits(h, w, b, blocked):
+    """``h @ w.T + b`` for one block of rows, in the input dtype; ``blocked`` columns set to -inf."""
+    z = torch.mm(h, w.t()) if b is None else torch.addmm(b, h, w.t())
+    if blocked is not None:
+        z.index_fill_(-1, blocked, float("-inf"))
+    return z
+
+
+def _entropy(z, c, log_s, inv_temp):
+    """-sum_v p_v log p_v per row, with log p = z*s - c - log_s (0 log 0 = 0)."""
+    logp = (_kernels._scaled(z, inv_temp) - c.unsqueeze(-1)) - log_s.unsqueeze(-1)
+    p = torch.exp(logp)
+    return -torch.where(p > 0, p * logp, 0.0).sum(dim=-1)
+
+
+class _FusedHead(torch.autograd.Function):
+    """Row-block loop shared by the log-prob and the exact-KL paths.
+
+    ``kind == "logprob"``: output logp[i] = log softmax(z_i / T)[t_i] (and the
+    detached entropy). ``kind == "kl"``: output KL per row between the policy
+    (``h, w, b``) and the constant reference (``ref``); ``policy_first`` says
+    whether the policy is the first argument of the KL (reverse) or the second
+    (forward). Saved for backward: the inputs and a few numbers per row.
+    """
+
+    @staticmethod
+    def forward(ctx, kind, h, w, b, ref, t, blocked, inv_temp, step, with_entropy, policy_first):
+        n = h.shape[0]
+        acc = _kernels.acc_dtype(h.dtype)
+        outs: list[torch.Tensor] = []
+        entropy = torch.empty(n if with_entropy else 0, dtype=acc, device=h.device)
+        for s in range(0, n, step):
+            e = min(s + step, n)
+            with torch.no_grad():
+                z = _block_logits(h[s:e], w, b, blocked)
+                if kind == "logprob":
+                    res = _kernels.forward("logprob", (z, t[s:e]), inv_temp, None)
+                    if with_entropy:
+                        entropy[s:e] = _entropy(z, res[1], res[2], inv_temp)
+                else:
+                    rh, rw, rb = ref
+                    zr = _block_logits(rh[s:e], rw, rb, blocked)
+                    pair = (z, zr) if policy_first else (zr, z)
+                    res = _kernels.forward("kl", pair, inv_temp, None)
+                del z
+            if not outs:
+                outs = [torch.empty(n, dtype=r.dtype, device=h.device) for r in res]
+            for out, r in zip(outs, res):
+                out[s:e] = r
+        if not outs:  # no rows
+            outs = _kernels.forward(kind, (h.new_empty(0, w.shape[0]),) * 2, inv_temp, None)
+        ref_tensors = ref if ref is not None else (None, None, None)
+        ctx.save_for_backward(h, w, b, t, blocked, *ref_tensors, *outs)
+        ctx.kind, ctx.inv_temp, ctx.step, ctx.policy_first = kind, inv_temp, step, policy_first
+        ctx.mark_non_differentiable(entropy)
+        return outs[0], entropy
+
+    @staticmethod
+    def backward(ctx, g, _g_entropy):
+        h, w, b, t, blocked, rh, rw, rb, *outs = ctx.saved_tensors
+        need_h, need_w, need_b = ctx.needs_input_grad[1], ctx.needs_input_grad[2], ctx.needs_input_grad[3]
+        n = h.shape[0]
+        grad_h = torch.empty_like(h) if need_h else None
+        grad_w = torch.zeros_like(w) if need_w else None
+        grad_b = torch.zeros_like(b) if need_b else None
+        g = g.to(outs[0].dtype)
+        for s in range(0, n, ctx.step):
+            e = min(s + ctx.step, n)
+            z = _block_logits(h[s:e], w, b, blocked)
+            rows = (r[s:e] for r in outs)
+            if ctx.kind == "logprob":
+                out, c, log_s = rows
+                gz = _kernels.run("logprob_bwd", z.numel(), z, t[s:e], c, log_s, g[s:e], ctx.inv_temp)
+            else:
+                kl, c_a, log_s_a, c_b, log_s_b = rows
+                zr = _block_logits(rh[s:e], rw, rb, blocked)
+                a, bb = (z, zr) if ctx.policy_first else (zr, z)
+                ga, gb = _kernels.run(
+                    "kl_bwd", z.numel(), a, bb, c_a, log_s_a, c_b, log_s_b, kl, g[s:e], ctx.inv_temp,
+                    ctx.policy_first, not ctx.policy_first,
+                )
+                gz = ga if ctx.policy_first else gb
+                del zr
+            del z
+            if blocked is not None:  # d z / d(h, w, b) is 0 where z was overwritten by -inf
+                gz.index_fill_(-1, blocked, 0.0)
+            gz = gz.to(h.dtype)
+            if need_h:
+                torch.mm(gz, w, out=grad_h[s:e])
+            if need_w:
+                grad_w.addmm_(gz.t(), h[s:e])
+            if need_b:
+                grad_b.add_(gz.sum(dim=0))
+        return None, grad_h, grad_w, grad_b, None, None, None, None, None, None, None
+
+
+def _check_head(prefix: str, hidden, weight, bias):
+    """Check ``hidden [..., H]``, ``weight [V, H]``, ``bias [V]``; return (V, H)."""
+    hn, wn, bn = f"{prefix}hidden", f"{prefix}weight", f"{prefix}bias"
+    _checks.tensor(hn, hidden, floating=True)
+    _checks.tensor(wn, weight, floating=True)
+    _checks.min_dim(hn, hidden, 1, "[..., H]")
+    if weight.dim() != 2:
+        raise ValueError(f"{wn} must be the LM-head weight [V, H] (2 dimensions), got shape {tuple(weight.shape)}")
+    vocab, size = weight.shape
+    if vocab == 0:
+        raise ValueError(f"{wn} must have a non-empty vocabulary dimension, got shape {tuple(weight.shape)}")
+    if hidden.shape[-1] != size:
+        raise ValueError(
+            f"{hn} must have hidden size {size} in its last dimension to match {wn} of shape "
+            f"{tuple(weight.shape)} ([V, H]), got {hn} of shape {tuple(hidden.shape)}"
+        )
+    if weight.device != hidden.device or weight.dtype != hidden.dtype:
+        raise ValueError(
+            f"{wn} must be on the device and have the dtype of {hn} ({hidden.device}, {hidden.dtype}), "
+            f"got {wn} on {weight.device} with dtype {weight.dtype}"
+        )
+    if bias is not None:
+        _checks.tensor(bn, bias, floating=True)
+        if bias.shape != (vocab,):
+            raise ValueError(f"{bn} must have shape ({vocab},) to match {wn} {tuple(weight.shape)}, got {tuple(bias.shape)}")
+        if bias.device != hidden.device or bias.dtype != hidden.dtype:
+            raise ValueError(
+                f"{bn} must be on the device and have the dtype of {hn} ({hidden.device}, {hidden.dtype}), "
+                f"got {bn} on {bias.device} with dtype {bias.dtype}"
+            )
+    return vocab, size
+
+
+def _check_blocked(blocked, vocab: int, device) -> torch.Tensor | None:
+    if blocked is None:
+        return None
+    _checks.tensor("blocked", blocked, integer=True)
+    if blocked.dim() != 1:
+        raise ValueError(f"blocked must be a 1-D tensor of token ids, got shape {tuple(blocked.shape)}")
+    if blocked.numel():
+        _checks.require(
+            ((blocked >= 0) & (blocked < vocab)).all(),
+            ValueError,
+            f"blocked must hold token ids in [0, {vocab}) for a vocabulary of {vocab}; got a value outside it",
+        )
+    return blocked.to(device=device, dtype=torch.long)
+
+
+def _rows_per_block(n: int, vocab: int, chunk_size: int | None) -> int:
+    if chunk_size is not None:
+        return max(1, min(chunk_size, n))
+    return max(1, min(n, FUSED_CHUNK_NUMEL // vocab))
+
+
+def logprobs_from_hidden(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    tokens: torch.Tensor,
+    *,
+    bias: torch.Tensor | None = None,
+    temperature: float = 1.0,
+    chunk_size: int | None = None,
+    with_entropy: bool = False,
+    blocked: torch.Tensor | None = None,
+):
+    r"""Log-probability of each chosen token from the last hidden states and the LM-head weight.
+
+    .. math:: z = h W^\top + b, \qquad \log \pi(y) = z_y / \tau - \log \sum_v \exp(z_v / \tau)
+
+    The same numbers as ``logprobs_from_logits(hidden @ weight.T + bias, tokens)``
+    without the ``[..., V]`` logits: rows are processed ``chunk_size`` at a
+    time, forward and backward (the backward recomputes each block's logits).
+
+    Args:
+        hidden: ``[..., H]`` last hidden states (after the model's final norm).
+        weight: ``[V, H]`` LM-head weight, same dtype and device as ``hidden``
+            (may be the tied input embedding; its gradients then add up).
+        tokens: ``[...]`` integer token ids in ``[0, V)``, ``hidden.shape[:-1]``.
+        bias: optional ``[V]`` head bias.
+        temperature: ``tau > 0``, the sampling temperature.
+        chunk_size: rows per block; ``None`` picks ~4M logits per block.
+        with_entropy: also return the entropy ``-sum_v pi_v log pi_v`` (nats,
+            detached) of each position's distribution.
+        blocked: optional 1-D token ids whose logits are set to ``-inf`` before
+            the softmax (tokens the sampler could never emit).
+
+    Returns:
+        ``[...]`` fp32 log-probabilities (fp64 for fp64 input), nats;
+        differentiable with respect to ``hidden``, ``weight`` and ``bias``.
+        With ``with_entropy=True`` a pair ``(logprobs, entropy)``.
+    """
+    vocab, _ = _check_head("", hidden, weight, bias)
+    _checks.tensor("tokens", tokens, integer=True)
+    if tokens.shape != hidden.shape[:-1]:
+        raise ValueError(
+            f"tokens must have shape hidden.shape[:-1] = {tuple(hidden.shape[:-1])} "
+            f"(hidden is {tuple(hidden.shape)}), got {tuple(tokens.shape)}"
+        )
+    temperature = _checks.scalar("temperature", temperature, positive=True)
+    chunk_size = _checks.chunk_rows("chunk_size", chunk_size)
+    if tokens.device != hidden.device:
+        raise ValueError(f"tokens must be on the device of hidden ({hidden.device}), got {tokens.device}")
+    if tokens.numel():
+        _checks.require(
+            ((tokens >= 0) & (tokens < vocab)).all(),
+            ValueError,
+            f"tokens must be token ids in [0, {vocab}) for a vocabulary of {vocab}; got a value outside it",
+        )
+    blocked = _check_blocked(blocked, vocab, hidden.device)
+    h = hidden.reshape(-1, hidden.shape[-1])
+    t = tokens.reshape(-1).long()
+    step = _rows_per_block(h.shape[0], vocab, chunk_size)
+    out, entropy = _FusedHead.apply(
+        "logprob", h, weight, bias, None, t, blocked, 1.0 / float(temperature), step, bool(with_entropy), True
+    )
+    _checks.finite("hidden/weight (log-probabilities computed from them)", out.detach())
+    out = out.reshape(tokens.shape)
+    return (out, entropy.reshape(tokens.shape)) if with_entropy else out
+
+
+def kl_from_hidden(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    ref_hidden: torch.Tensor,
+    ref_weight: torch.Tensor,
+    *,
+    direction: str = "reverse",
+    temperature: float = 1.0,
+    bias: torch.Tensor | None = None,
+    ref_bias: torch.Tensor | None = None,
+    chunk_size: int | None = None,
+    blocked: torch.Tensor | None = None,
+) -> torch.Tensor:
+    r"""Exact per-token KL between policy and reference, from hidden states and LM-head weights.
+
+    With :math:`\pi = \mathrm{softmax}((hW^\top + b)/\tau)` and
+    :math:`\pi_{ref} = \mathrm{softmax}((h_{ref}W_{ref}^\top + b_{ref})/\tau)`:
+    ``"reverse"`` gives :math:`KL(\pi \| \pi_{ref})`, ``"forward"``
+    :math:`KL(\pi_{ref} \| \pi)`, in **nats per token**, as
+    :func:`kl_from_logits` would on the two logits, but neither ``[N, V]``
+    tensor is ever held.
+
+    Args:
+        hidden, weight, bias: the policy's last hidden states ``[..., H]``, head ``[V, H]``, bias ``[V]``.
+        ref_hidden, ref_weight, ref_bias: the reference's (hidden size may
+            differ; vocabulary must match); treated as constants.
+        direction: ``"reverse"`` or ``"forward"``.
+        temperature: ``tau > 0`` applied to both.
+        chunk_size: rows per block (see :func:`logprobs_from_hidden`).
+        blocked: optional 1-D token ids masked to ``-inf`` in both distributions.
+
+    Returns:
+        ``[...]`` fp32 (fp64 for fp64 input) KL. Gradients flow to the policy
+        side only (``hidden``, ``weight``, ``bias``).
+    """
+    vocab, _ = _check_head("", hidden, weight, bias)
+    ref_vocab, _ = _check_head("ref_", ref_hidden, ref_weight, ref_bias)
+    if ref_vocab != vocab:
+        raise ValueError(
+            f"ref_weight must have the vocabulary of weight ({vocab} rows), got shape {tuple(ref_weight.shape)}"
+        )
+    if ref_hidden.shape[:-1] != hidden.shape[:-1]:
+        raise ValueError(
+            f"ref_hidden must have the leading shape of hidden {tuple(hidden.shape[:-1])}, "
+            f"got {tuple(ref_hidden.shape[:-1])}"
+        )
+    if ref_hidden.device != hidden.device:
+        raise ValueError(f"ref_hidden must be on the device of hidden ({hidden.device}), got {ref_hidden.device}")
+    _checks.choice("direction", direction, DIRECTIONS)
+    temperature = _checks.scalar("temperature", temperature, positive=True)
+    chunk_size = _checks.chunk_rows("chunk_size", chunk_size)
+    blocked = _check_blocked(blocked, vocab, hidden.device)
+    h = hidden.reshape(-1, hidden.shape[-1])
+    ref = (
+        ref_hidden.detach().reshape(-1, ref_hidden.shape[-1]),
+        ref_weight.detach(),
+        None if ref_bias is None else ref_bias.detach(),
+    )
+    t = torch.empty(0, dtype=torch.long, device=hidden.device)
+    step = _rows_per_block(h.shape[0], vocab, chunk_size)
+    out, _ = _FusedHead.apply(
+        "kl", h, weight, bias, ref, t, blocked, 1.0 / float(temperature), step, False, direction == "reverse"
+    )
+    _checks.finite("hidden/ref_hidden (the KL computed from them)", out.detach())
+    return out.reshape(hidden.shape[:-1])

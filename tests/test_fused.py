@@ -1,0 +1,215 @@
+"""Fused LM-head log-probs, entropy and exact KL (klbelt.kl.fused) against float64 references."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from klbelt.kl import _kernels, kl_from_hidden, logprobs_from_hidden
+
+N, H, V = 13, 8, 37  # chunk sizes 1, 4, 5 do not divide 13
+
+
+def _head(seed=0, dtype=torch.float64, bias=True):
+    g = torch.Generator().manual_seed(seed)
+    h = torch.randn(N, H, generator=g, dtype=torch.float64) * 2
+    w = torch.randn(V, H, generator=g, dtype=torch.float64)
+    b = torch.randn(V, generator=g, dtype=torch.float64) if bias else None
+    t = torch.randint(0, V, (N,), generator=g)
+    cast = lambda x: None if x is None else x.to(dtype).requires_grad_()  # noqa: E731
+    return cast(h), cast(w), cast(b), t
+
+
+def _reference_logprobs(h, w, b, t, temperature):
+    """Plain float64 autograd: materialise the logits, full log-softmax, gather."""
+    z = h.double() @ w.double().T + (0 if b is None else b.double())
+    return torch.log_softmax(z / temperature, dim=-1).gather(-1, t.unsqueeze(-1)).squeeze(-1)
+
+
+def _grads(out, weights, *params):
+    return torch.autograd.grad((out * weights).sum(), [p for p in params if p is not None], retain_graph=True)
+
+
+@pytest.fixture(params=["eager", pytest.param("compile", marks=pytest.mark.slow)])
+def backend(request):
+    if request.param == "compile":
+        pytest.importorskip("torch._inductor")
+    previous = _kernels.get_backend()
+    _kernels.set_backend(request.param)
+    yield request.param
+    _kernels.set_backend(previous)
+
+
+@pytest.mark.parametrize("chunk_size", [1, 4, 5, None])
+def test_logprobs_from_hidden_values_and_all_three_gradients_match_float64_reference(chunk_size):
+    h, w, b, t = _head()
+    weights = torch.linspace(-1, 2, N, dtype=torch.float64)
+    got = logprobs_from_hidden(h, w, t, bias=b, temperature=0.7, chunk_size=chunk_size)
+    want = _reference_logprobs(h, w, b, t, 0.7)
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+    for g_got, g_want in zip(_grads(got, weights, h, w, b), _grads(want, weights, h, w, b)):
+        torch.testing.assert_close(g_got, g_want, rtol=1e-9, atol=1e-10)
+
+
+def test_fused_logprobs_match_reference_on_both_kernel_backends(backend):
+    h, w, b, t = _head(seed=1, dtype=torch.float32)
+    weights = torch.rand(N, generator=torch.Generator().manual_seed(3))
+    got = logprobs_from_hidden(h, w, t, bias=b, temperature=1.3, chunk_size=5)
+    want = _reference_logprobs(h, w, b, t, 1.3)
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
+    for g_got, g_want in zip(_grads(got, weights.float(), h, w, b), _grads(want, weights.double(), h, w, b)):
+        torch.testing.assert_close(g_got.double(), g_want.double(), rtol=1e-4, atol=1e-5)
+
+
+def test_entropy_is_minus_sum_p_log_p_and_detached():
+    h, w, b, t = _head(seed=2)
+    logp, ent = logprobs_from_hidden(h, w, t, bias=b, temperature=0.9, chunk_size=4, with_entropy=True)
+    z = (h @ w.T + b) / 0.9
+    p = torch.softmax(z, -1)
+    torch.testing.assert_close(ent, -(p * torch.log_softmax(z, -1)).sum(-1), rtol=1e-10, atol=1e-10)
+    assert not ent.requires_grad and logp.requires_grad
+
+
+def test_bf16_input_gives_fp32_output_close_to_reference_of_the_rounded_inputs():
+    h, w, b, t = _head(seed=4, dtype=torch.bfloat16)
+    got = logprobs_from_hidden(h, w, t, bias=b, chunk_size=4)
+    assert got.dtype == torch.float32
+    want = _reference_logprobs(h, w, b, t, 1.0)
+    # the logits themselves are rounded to bf16 (as a bf16 LM head would), so compare loosely
+    torch.testing.assert_close(got.double(), want, rtol=0.05, atol=0.15)
+    gh, gw, gb = torch.autograd.grad(got.sum(), [h, w, b])
+    assert gh.dtype == gw.dtype == gb.dtype == torch.bfloat16
+    rh, rw, rb = torch.autograd.grad(want.sum(), [h, w, b])
+    for g_got, g_want in ((gh, rh), (gw, rw), (gb, rb)):
+        assert torch.linalg.vector_norm(g_got.double() - g_want) <= 0.05 * torch.linalg.vector_norm(g_want)
+
+
+def test_tied_embedding_gets_the_sum_of_its_input_and_head_gradients():
+    torch.manual_seed(5)
+    emb = torch.nn.Embedding(V, H).double()
+    ids = torch.randint(0, V, (N,))
+    targets = torch.randint(0, V, (N,))
+
+    def loss(fused):
+        h = torch.tanh(emb(ids) * 1.5)  # the "body": input embedding -> hidden
+        if fused:
+            return logprobs_from_hidden(h, emb.weight, targets, chunk_size=3).sum()
+        return _reference_logprobs(h, emb.weight, None, targets, 1.0).sum()
+
+    (g_fused,) = torch.autograd.grad(loss(True), [emb.weight])
+    (g_ref,) = torch.autograd.grad(loss(False), [emb.weight])
+    torch.testing.assert_close(g_fused, g_ref, rtol=1e-10, atol=1e-10)
+    # both paths contribute: the head-only gradient differs from the total
+    h = torch.tanh(emb(ids) * 1.5).detach()
+    (g_head,) = torch.autograd.grad(logprobs_from_hidden(h, emb.weight, targets).sum(), [emb.weight])
+    assert not torch.allclose(g_head, g_ref)
+
+
+def test_blocked_tokens_are_removed_from_the_softmax():
+    h, w, b, t = _head(seed=6)
+    blocked = torch.tensor([0, 5, 36])
+    t = torch.where(torch.isin(t, blocked), 1, t)
+    got, ent = logprobs_from_hidden(h, w, t, bias=b, blocked=blocked, chunk_size=4, with_entropy=True)
+    z = h @ w.T + b
+    z = z.index_fill(-1, blocked, float("-inf"))
+    want = torch.log_softmax(z, -1).gather(-1, t.unsqueeze(-1)).squeeze(-1)
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+    p = torch.softmax(z, -1)
+    torch.testing.assert_close(ent, -(p * torch.log_softmax(z, -1)).nan_to_num().sum(-1))
+    for a, r in zip(torch.autograd.grad(got.sum(), [h, w, b]), torch.autograd.grad(want.sum(), [h, w, b])):
+        torch.testing.assert_close(a, r, rtol=1e-9, atol=1e-10)
+
+
+@pytest.mark.parametrize("direction", ["reverse", "forward"])
+@pytest.mark.parametrize("chunk_size", [4, None])
+def test_kl_from_hidden_is_exact_kl_with_gradient_to_the_policy_only(direction, chunk_size):
+    h, w, b, _ = _head(seed=7)
+    g = torch.Generator().manual_seed(8)
+    rh = torch.randn(N, 6, generator=g, dtype=torch.float64).requires_grad_()  # the reference may be smaller
+    rw = torch.randn(V, 6, generator=g, dtype=torch.float64).requires_grad_()
+    got = kl_from_hidden(h, w, rh, rw, bias=b, direction=direction, temperature=0.8, chunk_size=chunk_size)
+    logp = torch.log_softmax((h @ w.T + b) / 0.8, -1)
+    logq = torch.log_softmax((rh @ rw.T) / 0.8, -1)
+    if direction == "reverse":
+        want = (logp.exp() * (logp - logq.detach())).sum(-1)
+    else:
+        want = (logq.detach().exp() * (logq.detach() - logp)).sum(-1)
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+    weights = torch.linspace(0.5, 1.5, N, dtype=torch.float64)
+    for a, r in zip(_grads(got, weights, h, w, b), _grads(want, weights, h, w, b)):
+        torch.testing.assert_close(a, r, rtol=1e-9, atol=1e-10)
+    got.sum().backward()
+    assert rh.grad is None and rw.grad is None
+
+
+def test_kl_from_hidden_of_identical_heads_is_zero():
+    h, w, b, _ = _head(seed=9, dtype=torch.float32)
+    kl = kl_from_hidden(h, w, h, w, bias=b, ref_bias=b)
+    assert kl.abs().max() < 1e-5
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "exc", "words"),
+    [
+        ({"hidden": torch.zeros(3, 5)}, ValueError, ["hidden", "(3, 5)", "hidden size 8"]),
+        ({"tokens": torch.tensor([0, 37, 1])}, ValueError, ["tokens", "[0, 37)"]),
+        ({"weight": torch.zeros(V, H, dtype=torch.float64)}, ValueError, ["weight", "hidden", "float64", "float32"]),
+        ({"chunk_size": 0}, ValueError, ["chunk_size", "got 0"]),
+        ({"tokens": torch.zeros(4, dtype=torch.long)}, ValueError, ["tokens", "(3,)", "(4,)"]),
+        ({"bias": torch.zeros(5)}, ValueError, ["bias", f"({V},)", "(5,)"]),
+        ({"weight": torch.zeros(V)}, ValueError, ["weight", "[V, H]"]),
+    ],
+)
+def test_bad_input_names_the_argument_what_it_got_and_what_was_expected(kwargs, exc, words):
+    args = {"hidden": torch.zeros(3, H), "weight": torch.zeros(V, H), "tokens": torch.tensor([0, 1, 2])}
+    extra = {k: kwargs.pop(k) for k in ("chunk_size", "bias") if k in kwargs}
+    args.update(kwargs)
+    with pytest.raises(exc) as info:
+        logprobs_from_hidden(args["hidden"], args["weight"], args["tokens"], **extra)
+    for word in words:
+        assert word in str(info.value), (word, str(info.value))
+
+
+def test_no_rows_times_vocab_tensor_is_kept_for_the_backward():
+    """Run in a child process so the allocator's peak is this computation's own."""
+    code = textwrap.dedent(
+        """
+        import torch
+        from klbelt.kl import logprobs_from_hidden, kl_from_hidden
+        n, h, v = 512, 16, 4096
+        logits_bytes = n * v * 4
+        x = torch.randn(n, h, requires_grad=True)
+        w = torch.randn(v, h, requires_grad=True)
+        t = torch.randint(0, v, (n,))
+        out = logprobs_from_hidden(x, w, t, chunk_size=64)
+        kl = kl_from_hidden(x, w, x.detach() * 0.9, w.detach(), chunk_size=64)
+        saved = []
+        def walk(fn, seen):
+            if fn is None or fn in seen:
+                return
+            seen.add(fn)
+            for name in dir(fn):
+                if name.startswith("_saved_") or name == "saved_tensors":
+                    try:
+                        val = getattr(fn, name)
+                    except Exception:
+                        continue
+                    vals = val if isinstance(val, tuple) else (val,)
+                    saved.extend(x for x in vals if isinstance(x, torch.Tensor))
+            for nxt, _ in fn.next_functions:
+                walk(nxt, seen)
+        seen = set()
+        walk(out.grad_fn, seen)
+        walk(kl.grad_fn, seen)
+        biggest = max(s.numel() * s.element_size() for s in saved)
+        assert saved and biggest <= w.numel() * 4, (biggest, logits_bytes)
+        print("biggest saved", biggest, "logits", logits_bytes)
+        """
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "biggest saved" in result.stdout
