@@ -18,5 +18,7 @@ fi
 # transformers<5.11); then only what importing core_algos and ray_trainer.apply_kl_penalty needs
 "$PY" -m pip install -q --no-deps "verl==0.9.1"
 "$PY" -m pip install -q ray "tensordict==0.10.0" codetiming omegaconf hydra-core torchdata cachetools uvicorn fastapi
+# W&B and MLflow sinks/readers (klbelt.monitor.external; tests/test_integrations_wandb_mlflow.py)
+"$PY" -m pip install -q wandb mlflow-skinny
 # pyenv keeps shims for console scripts; refresh them so `klbelt` is on PATH.
 if command -v pyenv >/dev/null 2>&1; then pyenv rehash || true; fi

@@ -213,3 +213,79 @@ def test_no_rows_times_vocab_tensor_is_kept_for_the_backward():
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "biggest saved" in result.stdout
+
+
+def _rollout(vocab, blocked=()):
+    from klbelt.rl.rollout import Rollout
+
+    g = torch.Generator().manual_seed(11)
+    seqs = torch.randint(0, vocab - 2, (3, 9), generator=g)
+    attn = torch.ones_like(seqs)
+    attn[0, :2] = 0  # left padding
+    mask = torch.ones(3, 5)
+    mask[1, 3:] = 0
+    return Rollout(seqs, attn, 4, mask, torch.zeros(3, 5), tuple(blocked))
+
+
+def _logits_path(model, roll, temperature):
+    from klbelt.rl.rollout import entropy_from_logits, response_logits
+    from klbelt.kl import logprobs_from_logits
+
+    logits = response_logits(model, roll).double()
+    lp = logprobs_from_logits(logits, roll.responses, temperature=temperature) * roll.response_mask
+    return lp, entropy_from_logits(logits, temperature) * roll.response_mask
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_response_logprobs_of_hf_models_use_the_fused_head_and_match_the_logits_path(arch, recwarn):
+    from klbelt.rl import rollout as rl
+
+    vocab = 23
+    if arch == "gpt2":
+        from tiny_models import tiny_gpt2
+
+        model = tiny_gpt2(vocab, n_layer=2)
+    else:
+        from transformers import LlamaConfig, LlamaForCausalLM
+
+        torch.manual_seed(0)
+        model = LlamaForCausalLM(LlamaConfig(
+            vocab_size=vocab, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+            num_attention_heads=2, num_key_value_heads=2, tie_word_embeddings=False,
+        )).eval()
+    roll = _rollout(vocab, blocked=(vocab - 1,))
+    assert rl.fused_head(model) is model.get_output_embeddings()
+    calls = []
+    handle = model.get_output_embeddings().register_forward_hook(lambda m, a, o: calls.append(o.shape))
+    lp, ent = rl.response_logprobs(model, roll, 0.8, with_entropy=True)
+    handle.remove()
+    assert all(shape[-2] == 1 for shape in calls), calls  # the head itself never ran on the response
+    want_lp, want_ent = _logits_path(model, roll, 0.8)
+    torch.testing.assert_close(lp.double(), want_lp, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(ent.double(), want_ent.double(), rtol=1e-5, atol=1e-5)
+    params = [p for p in model.parameters() if p.requires_grad]
+    got_g = torch.autograd.grad(lp.sum(), params, allow_unused=True)
+    logits = rl.response_logits(model, roll)
+    from klbelt.kl import logprobs_from_logits
+
+    ref = (logprobs_from_logits(logits, roll.responses, temperature=0.8) * roll.response_mask).sum()
+    want_g = torch.autograd.grad(ref, params, allow_unused=True)
+    for a, b in zip(got_g, want_g):
+        if b is None:
+            continue
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+    assert not [w for w in recwarn if "full [B, R, V] logits" in str(w.message)]
+
+
+def test_models_that_scale_logits_after_the_head_fall_back_to_logits_with_one_warning():
+    from tiny_models import tiny_gpt2
+
+    from klbelt.rl import rollout as rl
+
+    model = tiny_gpt2(23)
+    model.config.final_logit_softcapping = 30.0
+    roll = _rollout(23)
+    with pytest.warns(RuntimeWarning, match="final_logit_softcapping"):
+        assert rl.fused_head(model) is None
+    lp = rl.response_logprobs(model, roll)
+    torch.testing.assert_close(lp.double(), _logits_path(model, roll, 1.0)[0], rtol=1e-6, atol=1e-6)

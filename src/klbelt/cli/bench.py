@@ -10,7 +10,7 @@ from __future__ import annotations
 import importlib
 import importlib.util
 
-BENCHMARKS = ("kernels", "monitor", "trainer", "scaling")
+BENCHMARKS = ("kernels", "monitor", "trainer", "scaling", "fused")
 
 
 DESCRIPTION = ("Benchmarks that print klbelt's time and memory as ratios against named baselines. "

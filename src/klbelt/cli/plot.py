@@ -16,7 +16,7 @@ from .args import comma_floats
 
 
 def add_parser(sub) -> None:
-    p = sub.add_parser("plot", help="draw a figure (beta-effect)", description=__doc__.replace("``", ""),
+    p = sub.add_parser("plot", help="draw a figure (beta-effect, frontier)", description=__doc__.replace("``", ""),
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     kinds = p.add_subparsers(dest="kind", metavar="KIND", required=True)
     b = kinds.add_parser("beta-effect", help="total reward vs KL, and equilibrium KL vs beta, in the testbed")

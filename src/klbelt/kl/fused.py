@@ -172,7 +172,8 @@ def _check_blocked(blocked, vocab: int, device) -> torch.Tensor | None:
 def _rows_per_block(n: int, vocab: int, chunk_size: int | None) -> int:
     if chunk_size is not None:
         return max(1, min(chunk_size, n))
-    return max(1, min(n, FUSED_CHUNK_NUMEL // vocab))
+    # at least the compile threshold, so the block's row kernel runs compiled (one fused pass) under "auto"
+    return max(1, min(n, -(-max(FUSED_CHUNK_NUMEL, _kernels.COMPILE_MIN_NUMEL) // vocab)))
 
 
 def logprobs_from_hidden(

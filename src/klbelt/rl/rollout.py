@@ -11,9 +11,12 @@ import functools
 import inspect
 from dataclasses import dataclass
 
+import warnings
+import weakref
+
 import torch
 
-from ..kl import logprobs_from_logits
+from ..kl import logprobs_from_hidden, logprobs_from_logits
 
 
 @dataclass
@@ -232,12 +235,115 @@ def response_logprobs(model, rollout: Rollout, temperature: float = 1.0, with_en
 
     With ``with_entropy``, also the per-token entropy ``[B, R]`` (nats) of the
     tempered distribution, detached (for monitoring).
+
+    For a Hugging Face model whose output embedding is a plain ``nn.Linear``
+    the ``[B, R, V]`` logits are never built: the decoder body's last hidden
+    states go through :func:`~klbelt.kl.logprobs_from_hidden` (see
+    :func:`fused_head`); other models fall back to the logits, with one warning.
     """
+    head = fused_head(model)
+    if head is not None:
+        fused = _fused_response_logprobs(model, head, rollout, temperature, with_entropy)
+        if fused is not None:
+            return fused
     logits = response_logits(model, rollout)
     logprobs = logprobs_from_logits(logits, rollout.responses, temperature=temperature) * rollout.response_mask
     if not with_entropy:
         return logprobs
     return logprobs, entropy_from_logits(logits.detach(), temperature) * rollout.response_mask
+
+
+# Post-head transforms that make logits != head(last hidden state); fused scoring refuses them.
+_LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_logit_scale")
+_head_verified: "weakref.WeakKeyDictionary[torch.nn.Module, bool]" = weakref.WeakKeyDictionary()
+_fallback_warned: set[str] = set()
+
+
+def _fall_back(model, reason: str) -> None:
+    key = f"{type(model).__name__}: {reason}"
+    if key not in _fallback_warned:
+        _fallback_warned.add(key)
+        warnings.warn(
+            f"klbelt: scoring {type(model).__name__} from its full [B, R, V] logits (more memory): {reason}",
+            RuntimeWarning,
+            stacklevel=4,
+        )
+
+
+def _hf_model(model):
+    model = unwrap(model)
+    return model.get_base_model() if hasattr(model, "get_base_model") else model  # peft: LoRA layers live inside
+
+
+def fused_head(model) -> torch.nn.Linear | None:
+    """The LM head if ``model``'s log-probs can be computed from hidden states, else ``None`` (warned once).
+
+    Needs a Hugging Face causal LM (``get_output_embeddings()`` a plain
+    ``nn.Linear``, ``base_model`` its decoder body, ``logits_to_keep``
+    supported) and no soft-capping or scaling of the logits after the head.
+    """
+    hf = _hf_model(model)
+    get = getattr(hf, "get_output_embeddings", None)
+    head = get() if callable(get) else None
+    if type(head) is not torch.nn.Linear:
+        _fall_back(model, f"its output embedding is {type(head).__name__}, not a plain torch.nn.Linear")
+        return None
+    if _head_verified.get(head) is False:
+        return None
+    config = getattr(hf, "config", None)
+    for name in _LOGIT_TRANSFORMS:
+        value = getattr(config, name, None)
+        if value not in (None, 1, 1.0):
+            _fall_back(model, f"config.{name} = {value} transforms the logits after the LM head")
+            _head_verified[head] = False
+            return None
+    if getattr(hf, "base_model", hf) is hf or not _supports_logits_to_keep(model):
+        _fall_back(model, "it has no separate decoder body (base_model) or no logits_to_keep argument")
+        _head_verified[head] = False
+        return None
+    return head
+
+
+def _fused_response_logprobs(model, head, rollout: Rollout, temperature: float, with_entropy: bool):
+    """``response_logprobs`` from the body's last hidden states; ``None`` if the model's logits are not ``head(h)``."""
+    R = rollout.sequences.shape[1] - rollout.prompt_len
+    captured = []
+    body = _hf_model(model).base_model
+
+    def keep_hidden(module, args, output):
+        captured.append(output[0] if isinstance(output, tuple) else output.last_hidden_state)
+
+    hook = body.register_forward_hook(keep_hidden)
+    try:
+        out = model(
+            input_ids=rollout.sequences,
+            attention_mask=rollout.attention_mask,
+            position_ids=position_ids(rollout.attention_mask),
+            logits_to_keep=1,  # the head runs on one position; the response is scored below
+        )
+    finally:
+        hook.remove()
+    hidden = captured[-1]
+    if head not in _head_verified:  # once per head: the model's last logits must be head(h) exactly
+        with torch.no_grad():
+            mine = head(hidden[:, -1:].to(head.weight.dtype)).float()
+            theirs = out.logits[:, -1:].float()
+            ok = mine.shape == theirs.shape and torch.allclose(mine, theirs, rtol=1e-3, atol=1e-3 * (1 + float(theirs.abs().max())))
+        _head_verified[head] = bool(ok)
+        if not ok:
+            _fall_back(model, "its logits are not lm_head(last hidden state) (soft-capping or scaling in its forward?)")
+            return None
+    del out
+    blocked = None
+    if rollout.blocked_token_ids:  # the sampling distribution had these removed (see ``sample``)
+        blocked = torch.tensor(rollout.blocked_token_ids, dtype=torch.long, device=hidden.device)
+    result = logprobs_from_hidden(
+        hidden[:, -(R + 1) : -1].to(head.weight.dtype), head.weight, rollout.responses,
+        bias=head.bias, temperature=temperature, with_entropy=with_entropy, blocked=blocked,
+    )
+    if not with_entropy:
+        return result * rollout.response_mask
+    return result[0] * rollout.response_mask, result[1] * rollout.response_mask
 
 
 @torch.no_grad()
