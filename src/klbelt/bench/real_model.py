@@ -197,7 +197,45 @@ def child_floor(spec: dict) -> dict:
     return {"seconds_per_update": sum(parts.values()), "parts": parts, "peak_rss_mb": _peak_rss_mb()}
 
 
-CHILDREN = {"klbelt": child_klbelt, "trl": child_trl, "floor": child_floor}
+def child_memory(spec: dict) -> dict:
+    """One update of ``memory_batch`` x ``memory_tokens`` with the fused head on or off: peak RSS growth over the loaded model."""
+    import tempfile
+    from dataclasses import replace
+
+    from klbelt.demo.rewards import proxy_reward
+    from klbelt.rl.trainer import train
+
+    model, tok, prompts, cfg = _setup(spec)
+    base_mb = _peak_rss_mb()
+    cfg = replace(cfg, steps=1, batch_size=spec["memory_batch"], max_new_tokens=spec["memory_tokens"], fused_head=spec["fused"])
+    t0 = time.perf_counter()
+    with tempfile.TemporaryDirectory() as out:
+        train(replace(cfg, out=out), model, tok, prompts, proxy_reward, warn_alerts=False)
+    return {"peak_rss_mb": _peak_rss_mb(), "loaded_rss_mb": base_mb, "seconds": time.perf_counter() - t0}
+
+
+CHILDREN = {"klbelt": child_klbelt, "trl": child_trl, "floor": child_floor, "memory": child_memory}
+
+
+def run_memory(args) -> int:
+    """``--memory``: the trainer's peak resident memory with full logits vs the fused LM head."""
+    spec = dict(model=args.model, warmup=1, updates=1, threads=args.threads, floor_repeats=1, bf16=False,
+                memory_batch=args.memory_batch, memory_tokens=args.memory_tokens)
+    rows = []
+    for fused in (False, True):
+        r = _measure(dict(spec, side="memory", fused=fused))
+        rows.append({"fused_head": fused, **r, "growth_mb": r["peak_rss_mb"] - r["loaded_rss_mb"]})
+    logits_mb = args.memory_batch * args.memory_tokens * 49152 * 4 / 2**20
+    if args.json:
+        print(json.dumps(rows, indent=1))
+        return 0
+    print(f"one update of {args.memory_batch} x {args.memory_tokens} response tokens on {args.model} (LoRA r16, fp32), "
+          f"fp32 [B, R, V] logits = {logits_mb:.0f} MB")
+    print(f"{'scoring':<14}{'peak RSS MB':>12}{'model loaded MB':>17}{'growth MB':>11}{'seconds':>9}")
+    for r in rows:
+        label = "fused head" if r["fused_head"] else "full logits"
+        print(f"{label:<14}{r['peak_rss_mb']:>12.0f}{r['loaded_rss_mb']:>17.0f}{r['growth_mb']:>11.0f}{r['seconds']:>9.1f}")
+    return 0
 
 
 def _measure(spec: dict, python: str | None = None) -> dict:

@@ -94,6 +94,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("--model", default=None,
                         help="smollm2 or a local causal-LM directory: time the English demo's update on that model "
                         "against TRL's GRPOTrainer and the floor instead (see klbelt.bench.real_model)")
+    parser.add_argument("--memory", action="store_true", help="with --model: peak memory of one update with full logits vs the fused LM head")
+    parser.add_argument("--memory-batch", type=int, default=64, help="with --memory: sequences (default 64)")
+    parser.add_argument("--memory-tokens", type=int, default=128, help="with --memory: response tokens (default 128)")
     parser.add_argument("--trl-python", default=None, help="with --model: run the TRL side under this Python (e.g. a venv with the newest TRL)")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)  # internal: one measurement, JSON spec
 
@@ -421,7 +424,7 @@ def run(args) -> int:
     if args.model is not None:
         from . import real_model
 
-        return real_model.run(args)
+        return real_model.run_memory(args) if args.memory else real_model.run(args)
     names = [s.strip().upper() for s in args.settings.split(",") if s.strip()]
     unknown = [n for n in names if n not in SETTINGS]
     if unknown or not names:

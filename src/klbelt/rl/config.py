@@ -24,6 +24,7 @@ class TrainConfig:
     device: str = "cpu"  # torch device of models and tensors
     lora_rank: int = 0  # 0 = full fine-tune; r > 0 trains LoRA adapters (peft) and scores the reference with them disabled
     lora_alpha: float | None = None  # LoRA scale numerator (default 2 * lora_rank)
+    fused_head: bool = True  # log-probs from the last hidden states and the LM head in row blocks, never the [B, R, V] logits (false: full logits)
     bf16: bool = False  # bf16 autocast for the trained forward passes where the CPU/GPU supports it; log-probs and KL stay fp32
     # --- rollouts
     steps: int = 100  # PPO updates (one batch of rollouts each)
@@ -124,6 +125,8 @@ class TrainConfig:
 
         check_cap(self.is_cap, "config is_cap")
         check_band(self.is_band, "config is_band")
+        if not isinstance(self.fused_head, bool):
+            raise ValueError(f"config fused_head must be true or false, got {self.fused_head!r}")
         if not isinstance(self.bf16, bool):
             raise ValueError(f"config bf16 must be true or false, got {self.bf16!r}")
         if self.batch_size % self.group_size:

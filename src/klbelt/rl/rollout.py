@@ -241,7 +241,7 @@ def response_logprobs(model, rollout: Rollout, temperature: float = 1.0, with_en
     states go through :func:`~klbelt.kl.logprobs_from_hidden` (see
     :func:`fused_head`); other models fall back to the logits, with one warning.
     """
-    head = fused_head(model)
+    head = fused_head(model) if _FUSED_HEAD["on"] else None
     if head is not None:
         fused = _fused_response_logprobs(model, head, rollout, temperature, with_entropy)
         if fused is not None:
@@ -257,6 +257,15 @@ def response_logprobs(model, rollout: Rollout, temperature: float = 1.0, with_en
 _LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_logit_scale")
 _head_verified: "weakref.WeakKeyDictionary[torch.nn.Module, bool]" = weakref.WeakKeyDictionary()
 _fallback_warned: set[str] = set()
+
+
+_FUSED_HEAD = {"on": True}
+
+
+def set_fused_head(enabled: bool) -> bool:
+    """Score responses from hidden states (True, the default) or from full logits; returns the previous setting."""
+    previous, _FUSED_HEAD["on"] = _FUSED_HEAD["on"], bool(enabled)
+    return previous
 
 
 def _fall_back(model, reason: str) -> None:

@@ -26,7 +26,7 @@ from .io import JsonlLog, atomic_torch_save, atomic_write_text, check_writable, 
 from .lora import Reference, apply_lora, autocast, is_lora, load_policy_state, policy_state, resolve_bf16
 from .losses import ppo_policy_loss, ppo_value_loss
 from .precision import MasterWeights
-from .rollout import Rollout, response_logprobs, sample
+from .rollout import Rollout, response_logprobs, sample, set_fused_head
 from .samplers import RolloutCorrection, make_sampler
 from .text_metrics import distinct_n, exclaim_rate
 from .token_log import TOKEN_KL_FILE, token_kl_record
@@ -174,6 +174,7 @@ def train(
     if cfg.lora_rank and not is_lora(policy):
         policy = apply_lora(policy, cfg.lora_rank, cfg.lora_alpha)
     use_bf16 = resolve_bf16(cfg.bf16, device)  # autocast for the differentiated passes only
+    set_fused_head(cfg.fused_head)  # response log-probs from hidden states in row blocks (klbelt.kl.fused)
     # Under LoRA (and no explicit reference) the reference is the policy with its adapters disabled.
     if ref_policy is None and is_lora(policy):
         reference = Reference(policy)
