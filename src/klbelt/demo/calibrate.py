@@ -35,7 +35,7 @@ import torch
 
 from .corpus import load_fortunes
 from .model import load_demo_model
-from .rewards import gold_parts, proxy_reward, sequence_nll
+from .rewards import TINY_JUDGE, GoldJudge, gold_parts, proxy_reward, sequence_nll
 
 PROMPT_TOKENS, NEW_TOKENS = 6, 32
 
@@ -112,13 +112,18 @@ def main(argv=None) -> int:
     _summary("reference-model samples, temperature 1", rows_s, proxy_reward(samples))
 
     print("\nconstructed degenerate texts (prompt: the first eval prompt)")
-    d_nll = ref_nll_of(model, tok, [prompts[0]] * len(DEGENERATE), [" " + t for t in DEGENERATE.values()])
-    for (name, text), v in zip(DEGENERATE.items(), d_nll):
-        r = gold_parts(text, float(v))
+    print_degenerate(model, tok, prompts[0], DEGENERATE)
+    return 0
+
+
+def print_degenerate(model, tokenizer, prompt: str, texts: dict[str, str], judge: GoldJudge = TINY_JUDGE) -> None:
+    """One line per constructed text: proxy, gold and every term of the gold, its NLL given ``prompt``."""
+    nll = ref_nll_of(model, tokenizer, [prompt] * len(texts), [" " + t for t in texts.values()])
+    for (name, text), v in zip(texts.items(), nll):
+        r = gold_parts(text, float(v), judge)
         print(f"  {name:16s} proxy {proxy_reward([text])[0]:+.3f}  gold {r['gold']:+.3f}  "
               f"(s {r['sentiment']:+.3f}, distinct {r['distinct_1']:.2f}, density {r['density']:.2f}, "
               f"nll {float(v):.2f}; q {r['q_distinct']:.2f}*{r['q_density']:.2f}*{r['q_fluency']:.2f})")
-    return 0
 
 
 if __name__ == "__main__":

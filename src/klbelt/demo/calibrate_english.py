@@ -14,7 +14,7 @@ import sys
 import torch
 
 from ..rl.rollout import response_logprobs, sample
-from .calibrate import DEGENERATE, _summary, ref_nll_of
+from .calibrate import DEGENERATE, _summary, print_degenerate
 from .english import ENGLISH_JUDGE, english_prompts
 from .models import load_model
 from .rewards import gold_parts, proxy_reward
@@ -47,12 +47,7 @@ def main(argv=None) -> int:
     rows = [gold_parts(t, float(v), ENGLISH_JUDGE) for t, v in zip(texts, nll)]
     _summary("reference-model samples, temperature 1", rows, proxy_reward(texts))
     print("\nconstructed degenerate texts (prompt: the first eval opening)")
-    d_nll = ref_nll_of(model, tok, [english_prompts("eval")[0]] * len(DEGENERATE_ENGLISH), [" " + t for t in DEGENERATE_ENGLISH.values()])
-    for (name, text), v in zip(DEGENERATE_ENGLISH.items(), d_nll):
-        r = gold_parts(text, float(v), ENGLISH_JUDGE)
-        print(f"  {name:16s} proxy {proxy_reward([text])[0]:+.3f}  gold {r['gold']:+.3f}  "
-              f"(s {r['sentiment']:+.3f}, distinct {r['distinct_1']:.2f}, density {r['density']:.2f}, "
-              f"nll {float(v):.2f}; q {r['q_distinct']:.2f}*{r['q_density']:.2f}*{r['q_fluency']:.2f})")
+    print_degenerate(model, tok, english_prompts("eval")[0], DEGENERATE_ENGLISH, ENGLISH_JUDGE)
     return 0
 
 
