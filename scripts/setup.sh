@@ -20,5 +20,10 @@ fi
 "$PY" -m pip install -q ray "tensordict==0.10.0" codetiming omegaconf hydra-core torchdata cachetools uvicorn fastapi
 # W&B and MLflow sinks/readers (klbelt.monitor.external; tests/test_integrations_wandb_mlflow.py)
 "$PY" -m pip install -q wandb mlflow-skinny
+# The newest TRL checked (1.16.0) in a venv that sees the system packages (torch, transformers, klbelt)
+# and shadows trl only: tests/test_integrations_trl.py reruns itself with it (the system keeps TRL 1.0.0,
+# the last with PPOTrainer). Git-ignored; about 13 s here.
+"$PY" -m venv --system-site-packages .venv-trl-latest
+.venv-trl-latest/bin/python -m pip install -q "trl==1.16.0"
 # pyenv keeps shims for console scripts; refresh them so `klbelt` is on PATH.
 if command -v pyenv >/dev/null 2>&1; then pyenv rehash || true; fi

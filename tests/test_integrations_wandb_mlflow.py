@@ -121,3 +121,83 @@ def test_report_to_rejects_an_unknown_sink_naming_the_choices():
 
     with pytest.raises(ValueError, match="report_to.*'wandb'.*got \\['neptune'\\]"):
         TrainConfig(report_to=["neptune"])
+
+
+@pytest.mark.slow
+def test_resumed_training_continues_the_same_wandb_and_mlflow_runs_without_duplicate_steps(tmp_path, monkeypatch):
+    pytest.importorskip("wandb")
+    pytest.importorskip("mlflow")
+    pytest.importorskip("tensorboard")
+    import torch
+
+    from klbelt.rl.config import TrainConfig
+    from klbelt.rl.io import read_jsonl
+    from klbelt.rl.trainer import train
+    from tiny_models import tiny_gpt2, word_tokenizer
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    tok = word_tokenizer(["a", "b", "c", "d"])
+
+    def reward(texts):
+        return torch.tensor([float("a" in t) for t in texts])
+
+    base = dict(steps=4, batch_size=4, max_new_tokens=3, checkpoint_every=2,
+                report_to=["jsonl", "csv", "tensorboard", "wandb", "mlflow"])
+
+    def crash_at_step_2(record):  # step 2 is logged everywhere; the checkpoint holds steps 0-1
+        if record["step"] == 2:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train(TrainConfig(**base, out=str(tmp_path)), tiny_gpt2(len(tok)), tok, ["a", "b c"], reward,
+              on_step=crash_at_step_2)
+    import wandb
+
+    wandb.finish()  # the crashed process's run ends with it (this test resumes in the same process)
+    first = read_jsonl(tmp_path / "metrics.jsonl")
+    assert [r["step"] for r in first] == [0, 1, 2]
+    train(TrainConfig(**base, out=str(tmp_path)), tiny_gpt2(len(tok)), tok, ["a", "b c"], reward, resume=True)
+    want = read_jsonl(tmp_path / "metrics.jsonl")
+    assert [r["step"] for r in want] == [0, 1, 2, 3]
+    # (resume is exact, so the redone step 2 has the first attempt's values: the step lists below are the test)
+
+    # one W&B run (one id, two offline segments) and one MLflow run, not two
+    segments = list((tmp_path / "wandb").glob("offline-run-*/run-*.wandb"))
+    assert len(segments) == 2 and len({f.name for f in segments}) == 1  # run-<id>.wandb in two segment folders
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri=(tmp_path / "mlruns").resolve().as_uri())
+    (exp,) = [e for e in client.search_experiments() if e.name == "klbelt"]
+    assert len(client.search_runs([exp.experiment_id])) == 1
+    for path in (tmp_path / "wandb", tmp_path / "mlruns", tmp_path / "metrics.csv", tmp_path / "tb"):
+        got = read_run(path).records
+        assert [r["step"] for r in got] == [0, 1, 2, 3], path  # step 2 once, with the resumed run's value
+        assert [r["kl"] for r in got] == pytest.approx([r["kl"] for r in want], rel=1e-6), path
+    # TensorBoard's own loader (not klbelt's reader) sees step 2 once: the resumed writer purged it
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    board = EventAccumulator(str(tmp_path / "tb"))
+    board.Reload()
+    assert [e.step for e in board.Scalars("klbelt/kl")] == [0, 1, 2, 3]
+
+
+def test_an_empty_wandb_folder_and_a_foreign_mlflow_run_folder_are_unreadable_with_one_line(tmp_path, capsys):
+    (tmp_path / "wandb").mkdir()
+    assert main(["doctor", str(tmp_path / "wandb")]) == 3
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "no W&B run" in err
+    run = tmp_path / "mlruns" / "0" / "abc"  # MLflow's layout, but not MLflow's files
+    (run / "metrics").mkdir(parents=True)
+    (run / "meta.yaml").write_text("this: [is not an mlflow run\n")
+    assert main(["doctor", str(tmp_path / "mlruns")]) == 3
+    assert capsys.readouterr().err.count("\n") == 1
+
+
+@pytest.mark.parametrize("name", ["policy/approxkl_avg", "train/ppo_kl", "approx_kl"])
+def test_only_old_vs_new_policy_kl_under_trl_openrlhf_names_exits_4_and_says_so(tmp_path, capsys, name):
+    log = tmp_path / "run.jsonl"
+    log.write_text("".join(json.dumps({"step": s, name: 0.003, "reward": 0.1}) + "\n" for s in range(20)))
+    code, out = _doctor(capsys, log)
+    assert code == 4 == out["exit_code"]
+    assert any("old and the new policy" in m for m in out["messages"])

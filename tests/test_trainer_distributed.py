@@ -50,12 +50,15 @@ def _worker(rank: int, world: int, init_file: str, out: str, name: str, result_d
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
         if rank:  # only rank 0 may write the run's files
-            import klbelt.rl.trainer as trainer
+            import klbelt.rl.io as io
+            import klbelt.rl.run_files as run_files
+            import klbelt.rl.run_state as run_state
 
             def forbidden(*args, **kwargs):
                 raise AssertionError(f"rank {rank} wrote a file")
 
-            trainer.atomic_torch_save = trainer.atomic_write_text = trainer.JsonlLog.append = forbidden
+            run_state.atomic_torch_save = run_files.atomic_write_text = forbidden
+            io.atomic_torch_save = io.atomic_write_text = io.JsonlLog.append = io.JsonlLog.sync = forbidden
         history = _run(_config(out, **CONFIGS[name]))
         with open(f"{result_dir}/rank{rank}.json", "w") as f:
             json.dump(history, f)
@@ -163,11 +166,13 @@ def test_klbelt_train_nproc_2_matches_one_process_and_resumes_after_sigkill(tmp_
     # the whole job (torchrun and both workers) killed after step 3: resume on 2 processes
     proc = _popen("--config", str(config), "--out", str(killed), "--nproc", "2")
     metrics, deadline = killed / "metrics.jsonl", time.time() + 240
-    while time.time() < deadline and (not metrics.exists() or len(metrics.read_text().splitlines()) < 4):
+    # kill once step 4's line is written: the step-4 checkpoint was saved before step 4 began
+    # (right after step 3's line), and step 5 is still running
+    while time.time() < deadline and (not metrics.exists() or len(metrics.read_text().splitlines()) < 5):
         time.sleep(0.01)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait(30)
-    assert 4 <= len(metrics.read_text().splitlines()) < 6, "the kill must land mid-run"
+    assert 5 <= len(metrics.read_text().splitlines()) < 6, "the kill must land mid-run"
     assert torch.load(killed / "checkpoint.pt", weights_only=False)["step"] == 4
     import shutil
 

@@ -6,13 +6,16 @@ One line::
     kltrl.attach(trainer, controller=klbelt.AdaptiveKLController(0.04, target_kl=0.05, unit="token-mean"))
     trainer.train()                                    # or train(resume_from_checkpoint=True)
 
-How it works (checked on TRL 1.0.0): ``GRPOTrainer`` keeps beta in
+How it works (checked on TRL 1.0.0 and 1.16.0): ``GRPOTrainer`` keeps beta in
 ``trainer.beta`` and reads it on every loss computation
 (``per_token_loss + self.beta * per_token_kl``), so assigning ``trainer.beta``
 between steps changes the next steps' loss. TRL logs ``kl`` as the mean over
 completion tokens of k3 = exp(ref - logp) - (ref - logp) - 1 (nats/token,
 averaged over the ``logging_steps`` steps since the last log and over
-processes), so the controller must be in ``unit="token-mean"``.
+processes), so the controller must be in ``unit="token-mean"``. TRL 1.16
+multiplies each token's k3 by the importance ratio pi/pi_old first
+(``use_bias_correction_kl=True``, its default): the ratio is 1 when each batch
+is used for one update, and the unit is the same either way.
 
 Resume: the controller's ``state_dict()`` is written atomically to
 ``checkpoint-N/kl_controller.json`` on every save and read back when training
@@ -22,8 +25,9 @@ first resumed step.
 Refused, with an error, instead of silently doing nothing:
   * beta == 0 at construction: TRL then loads no reference model and neither
     computes nor logs the KL, so the controller would never hear from it;
-  * ``use_liger_kernel=True``: Liger's fused GRPO loss copies beta when the
-    trainer is built, so a changed ``trainer.beta`` is never used.
+  * ``use_liger_kernel=True`` on TRL 1.0: Liger's fused GRPO loss copies beta
+    when the trainer is built, so a changed ``trainer.beta`` is never used
+    (TRL 1.16 keeps only Liger's layer kernels, and its loss reads the new beta).
 """
 
 from __future__ import annotations
@@ -68,10 +72,12 @@ def _check_trainer(trainer) -> None:
         raise ValueError("trainer.beta is 0: TRL then loads no reference model and neither computes nor logs "
                          "the KL, so a controller cannot drive it; build the trainer with GRPOConfig(beta=...) > 0 "
                          "(e.g. the controller's initial kl_coef) and keep the controller's min_kl_coef > 0")
-    args = getattr(trainer, "args", None)
-    if getattr(args, "use_liger_kernel", False) or getattr(trainer, "use_liger_kernel", False):
+    # TRL 1.0 builds Liger's fused GRPO loss (trainer.liger_grpo_loss), which copies beta at construction;
+    # TRL 1.16 applies only Liger's layer kernels and its loss still reads trainer.beta, so it is allowed.
+    if getattr(trainer, "liger_grpo_loss", None) is not None or getattr(trainer, "use_liger_kernel", False):
         raise ValueError("use_liger_kernel=True: Liger's fused GRPO loss copies beta when the trainer is built, "
-                         "so a beta set by a controller would never be used; set use_liger_kernel=False")
+                         "so a beta set by a controller would never be used; set use_liger_kernel=False "
+                         "(or use TRL >= 1.16, whose loss reads trainer.beta with Liger on)")
 
 
 class KLControllerCallback(TrainerCallback):

@@ -23,7 +23,7 @@ import os
 import struct
 from pathlib import Path
 
-from .readers import Run, RunReadError, canonical_name
+from .names import Run, RunReadError, canonical_name
 
 
 def _scalars(record):
@@ -34,9 +34,19 @@ def _scalars(record):
 
 # -- sinks ------------------------------------------------------------------------------------
 class WandbSink:
-    """Step records to a W&B run (``wandb.init(dir=log_dir)`` unless ``run`` is given)."""
+    """Step records to a W&B run (``wandb.init(dir=log_dir)`` unless ``run`` is given).
 
-    def __init__(self, log_dir=None, run=None, project: str = "klbelt", prefix: str = "klbelt/", **init_kwargs):
+    ``resume_step=N`` (a run resumed from its checkpoint at step N): the latest
+    W&B run under ``log_dir`` is continued (same run id, ``resume="allow"``),
+    not a second run started. Offline, W&B writes the continuation as another
+    ``offline-run-*-<id>`` folder; :func:`read_wandb` joins the folders of one
+    id and keeps, for the steps from N on, only the values the continuation
+    logged. Online, W&B itself ignores steps at or below the run's last logged
+    step, so the redone steps up to that step keep the first values there.
+    """
+
+    def __init__(self, log_dir=None, run=None, project: str = "klbelt", prefix: str = "klbelt/",
+                 resume_step: int | None = None, **init_kwargs):
         try:
             import wandb
         except ImportError as e:  # pragma: no cover - depends on the environment
@@ -46,8 +56,12 @@ class WandbSink:
         if run is None:
             if log_dir is not None:
                 Path(log_dir).mkdir(parents=True, exist_ok=True)
+                previous = _wandb_run_id(Path(log_dir)) if resume_step else None
+                if previous is not None and "id" not in init_kwargs:
+                    init_kwargs = {**init_kwargs, "id": previous, "resume": "allow"}
             run = wandb.init(project=project, dir=None if log_dir is None else str(log_dir), **init_kwargs)
         self.run, self.prefix = run, prefix
+        self._rows = 0  # history rows logged (close() waits until an offline file holds them)
         self.offline = getattr(run.settings, "mode", "") in ("offline", "dryrun") or os.environ.get("WANDB_MODE") in (
             "offline", "dryrun", "disabled")
 
@@ -56,6 +70,7 @@ class WandbSink:
         if record.get("alerts"):
             data[self.prefix + "alerts"] = ";".join(record["alerts"])
         self.run.log(data, step=int(record["step"]))
+        self._rows += 1
 
     def alert(self, alert) -> None:
         if self.offline:  # wandb.alert needs the server; the alert is in the history row
@@ -65,20 +80,51 @@ class WandbSink:
 
     def close(self) -> None:
         if self._owns:
+            run_file = Path(self.run.dir).parent / f"run-{self.run.id}.wandb" if self.offline else None
             self.run.finish()
+            if run_file is not None:  # W&B's service can still be writing the offline file after finish()
+                _wait_for_rows(run_file, self._rows)
+
+
+def _wait_for_rows(run_file: Path, rows: int, timeout_s: float = 10.0) -> None:
+    """Wait (at most ``timeout_s``) until the offline run file holds ``rows`` history rows, so a reader sees them."""
+    import time
+
+    from wandb.proto import wandb_internal_pb2 as pb
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            if len(_wandb_history(run_file, pb)) >= rows:
+                return
+        except (OSError, RunReadError):
+            pass
+        time.sleep(0.05)
 
 
 class MLflowSink:
     """Step records to an MLflow run; ``log_dir`` becomes a local file store ``<log_dir>/mlruns``."""
 
-    def __init__(self, log_dir=None, tracking_uri: str | None = None, experiment: str = "klbelt", prefix: str = "klbelt/"):
+    def __init__(self, log_dir=None, tracking_uri: str | None = None, experiment: str = "klbelt",
+                 prefix: str = "klbelt/", resume_step: int | None = None):
         mlflow = _mlflow()
         if tracking_uri is None and log_dir is not None:
             tracking_uri = (Path(log_dir).resolve() / "mlruns").as_uri()
         self.client = mlflow.MlflowClient(tracking_uri=tracking_uri)
         exp = self.client.get_experiment_by_name(experiment)
         exp_id = exp.experiment_id if exp is not None else self.client.create_experiment(experiment)
-        self.run_id = self.client.create_run(exp_id).info.run_id
+        # resume_step=N: continue the experiment's latest run (same run id); the steps from N on are logged
+        # again with later timestamps, and read_mlflow keeps the latest value of each step (MLflow has no
+        # call that deletes a logged metric value, so its own history holds both)
+        latest = []
+        if resume_step:
+            latest = self.client.search_runs([exp_id], order_by=["attributes.start_time DESC"], max_results=1)
+        if latest:
+            self.run_id = latest[0].info.run_id
+            self.client.update_run(self.run_id, status="RUNNING")
+            self.client.set_tag(self.run_id, "klbelt.resumed_at_step", str(int(resume_step)))
+        else:
+            self.run_id = self.client.create_run(exp_id).info.run_id
         self.prefix = prefix
         self._alerts: list[str] = []
 
@@ -123,6 +169,21 @@ def wandb_file(path: Path) -> Path | None:
     return files[-1] if files else None
 
 
+def wandb_segments(path: Path) -> list[Path]:
+    """The ``.wandb`` files of the latest run's id, oldest first: a resumed offline run is one folder per segment."""
+    last = wandb_file(path)
+    if last is None or path.is_file() or not list(path.glob("*/run-*.wandb")):
+        return [] if last is None else [last]
+    same = [p for p in path.glob(f"*/{last.name}") if not p.parent.is_symlink()]  # not wandb's latest-run link
+    return sorted(same, key=lambda p: (p.stat().st_mtime, p.parent.name))
+
+
+def _wandb_run_id(log_dir: Path) -> str | None:
+    """The id of the latest W&B run under ``log_dir`` (its ``wandb/`` folder), or None."""
+    last = wandb_file(log_dir / "wandb") if (log_dir / "wandb").is_dir() else None
+    return None if last is None else last.stem[len("run-"):]
+
+
 def _leveldb_records(data: bytes):
     """The payloads of a LevelDB-format log (7-byte W&B header, 32 KiB blocks, 7-byte record headers)."""
     pos, block, buf = 7, 32768, b""
@@ -148,17 +209,29 @@ def _leveldb_records(data: bytes):
 def read_wandb(path) -> Run:
     """A W&B run's history (offline or synced run folder), ``_step`` as the step."""
     path = Path(path)
-    f = wandb_file(path)
-    if f is None:
+    segments = wandb_segments(path)
+    if not segments:
         raise _fail(path, "no W&B run here (expected a run-*.wandb file in the folder or one below it)")
     try:
         from wandb.proto import wandb_internal_pb2 as pb
     except ImportError:  # pragma: no cover - depends on the environment
         raise _fail(path, "reading a W&B run needs wandb: pip install wandb") from None
+    records: list[dict] = []
+    for f in segments:  # a continuation replaces the steps from its first one on (redone after a resume)
+        more = _wandb_history(f, pb)
+        if more:
+            records = [r for r in records if r["step"] < more[0]["step"]] + more
+    f = segments[-1]
+    if not any(len(r) > 1 for r in records):
+        raise _fail(f, "W&B run without history rows (nothing was logged with wandb.log)")
+    return Run(f, "wandb", records)
+
+
+def _wandb_history(f: Path, pb) -> list[dict]:
     data = f.read_bytes()
     if not data.startswith(b":W&B"):
         raise _fail(f, "not a W&B run file (no :W&B header)")
-    records = []
+    records: list[dict] = []
     for payload in _leveldb_records(data):
         rec = pb.Record()
         try:
@@ -179,10 +252,10 @@ def read_wandb(path) -> Run:
         if "_step" not in row:
             continue
         step = int(row.pop("_step"))
+        if records and step <= records[-1]["step"]:  # the run went back (resumed in one file): later values win
+            records = [r for r in records if r["step"] < step]
         records.append({"step": step, **{canonical_name(k): v for k, v in row.items() if not k.startswith("_")}})
-    if not any(len(r) > 1 for r in records):
-        raise _fail(f, "W&B run without history rows (nothing was logged with wandb.log)")
-    return Run(f, "wandb", records)
+    return records
 
 
 def mlflow_run_dir(path: Path) -> Path | None:
@@ -208,7 +281,8 @@ def read_mlflow(path) -> Run:
         keys = list(client.get_run(run_dir.name).data.metrics)
         by_step: dict[int, dict] = {}
         for key in keys:
-            for m in client.get_metric_history(run_dir.name, key):
+            # oldest first (stable for equal times): a value logged again for a step after a resume wins
+            for m in sorted(client.get_metric_history(run_dir.name, key), key=lambda m: m.timestamp):
                 if math.isfinite(m.value):
                     by_step.setdefault(int(m.step), {})[canonical_name(key)] = float(m.value)
     except mlflow.exceptions.MlflowException as e:

@@ -46,11 +46,18 @@ class JSONLSink:
 class CSVSink:
     """A CSV file of the scalar metrics; a column that appears late rewrites the file with it."""
 
-    def __init__(self, path):
+    def __init__(self, path, keep_steps_before: int = 0):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._columns: list[str] = ["step"]
         self._rows: list[dict] = []
+        if keep_steps_before and self.path.is_file():  # a resumed run: keep the rows before its checkpoint
+            with open(self.path, newline="", encoding="utf-8") as f:
+                reader = csv.DictReader(f)
+                self._columns = list(reader.fieldnames or ["step"])
+                self._rows = [row for row in reader if row.get("step") not in (None, "")
+                              and int(float(row["step"])) < keep_steps_before]
+            self._rewrite()
 
     def write(self, record: dict) -> None:
         row = {"step": record.get("step")}
@@ -87,14 +94,15 @@ class TensorBoardSink:
     Needs the ``tensorboard`` package (``pip install klbelt[monitor]``).
     """
 
-    def __init__(self, log_dir, prefix: str = "klbelt/"):
+    def __init__(self, log_dir, prefix: str = "klbelt/", purge_step: int | None = None):
         try:
             from torch.utils.tensorboard import SummaryWriter
         except ImportError as e:  # pragma: no cover - depends on the environment
             raise ImportError("TensorBoardSink needs tensorboard: pip install 'klbelt[monitor]'") from e
         self.log_dir = Path(log_dir)
         self.prefix = prefix
-        self._writer = SummaryWriter(log_dir=str(self.log_dir))
+        # purge_step (a resumed run): TensorBoard hides the earlier files' events from that step on
+        self._writer = SummaryWriter(log_dir=str(self.log_dir), purge_step=purge_step or None)
         self._step = 0
 
     def write(self, record: dict) -> None:
@@ -114,17 +122,25 @@ class TensorBoardSink:
 SINKS = {"jsonl": (JSONLSink, "metrics.jsonl"), "csv": (CSVSink, "metrics.csv"), "tensorboard": (TensorBoardSink, "tb")}
 
 
-def make_sink(kind, log_dir):
-    """A sink object from a name (``"jsonl"``, ``"csv"``, ``"tensorboard"``) placed under ``log_dir``."""
+def make_sink(kind, log_dir, start: int = 0):
+    """A sink object from a name (``"jsonl"``, ``"csv"``, ``"tensorboard"``, ``"wandb"``, ``"mlflow"``) under ``log_dir``.
+
+    ``start > 0``: the run resumes at step ``start``: csv keeps its rows before
+    it, TensorBoard purges the later steps, W&B and MLflow continue the same run.
+    """
     if not isinstance(kind, str):
         return kind
     if kind in ("wandb", "mlflow"):  # klbelt.monitor.external: W&B run under log_dir / MLflow store log_dir/mlruns
         from . import external
 
-        return (external.WandbSink if kind == "wandb" else external.MLflowSink)(log_dir)
+        return (external.WandbSink if kind == "wandb" else external.MLflowSink)(log_dir, resume_step=start or None)
     if kind not in SINKS:
         raise ValueError(f"sinks must hold sink objects or names from {tuple(SINKS) + ('wandb', 'mlflow')}, got {kind!r}")
     if log_dir is None:
         raise ValueError(f"log_dir is needed for the {kind!r} sink (where its file goes)")
     cls, name = SINKS[kind]
+    if start and kind == "csv":
+        return cls(Path(log_dir) / name, keep_steps_before=start)
+    if start and kind == "tensorboard":
+        return cls(Path(log_dir) / name, purge_step=start)
     return cls(Path(log_dir) / name)
