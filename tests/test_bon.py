@@ -97,6 +97,36 @@ def test_tighter_estimate_is_exact_for_one_top_atom_over_a_tie_free_rest(eps, n)
 def test_tighter_estimate_limits():
     assert best_of_n_kl_estimate(8, 1.0) == pytest.approx(0.0, abs=1e-15)
     assert best_of_n_kl_estimate(8, 1e-9) == pytest.approx(best_of_n_kl(8), abs=1e-6)
+    # a 24-token response's probability (~e^-50) or one that underflowed to 0: the analytic value, no NaN
+    assert best_of_n_kl_estimate(64, math.exp(-50.0)) == pytest.approx(best_of_n_kl(64), abs=1e-12)
+    assert best_of_n_kl_estimate(64, 0.0) == best_of_n_kl(64)
+
+
+@pytest.mark.parametrize("L", [10, 100])
+def test_tighter_estimate_tracks_the_exact_kl_of_a_uniform_reference_while_the_bound_does_not(L):
+    """Beirami et al.'s synthetic check: uniform over L outcomes, distinct rewards; every kept outcome has eps = 1/L."""
+    p = torch.full((L,), 1.0 / L, dtype=torch.float64)
+    r = torch.arange(L).double()
+    for n in (2, 4, 16, 64, 256, 1024):
+        exact = exact_best_of_n_kl(p, r, n)
+        assert best_of_n_kl_estimate(n, 1.0 / L) == pytest.approx(exact, abs=0.025)
+    # the bound keeps growing with n; the true KL saturates at log L, and so does the estimate
+    assert best_of_n_kl(1024) - exact_best_of_n_kl(p, r, 1024) > 1.0
+    assert best_of_n_kl_estimate(1024, 1.0 / L) == pytest.approx(math.log(L), abs=1e-3)
+
+
+def test_mean_tighter_estimate_over_kept_outcomes_is_at_least_the_exact_kl():
+    """E over y ~ best-of-n of KL_hat(n, p(y)) >= KL on random tie-free references (the paper's conjecture; exact sums here)."""
+    g = torch.Generator().manual_seed(1)
+    for _ in range(100):
+        V = int(torch.randint(2, 20, (1,), generator=g))
+        p = torch.rand(V, generator=g, dtype=torch.float64) ** 4
+        p = p / p.sum()
+        r = torch.randperm(V, generator=g).double()
+        for n in (2, 5, 30, 200):
+            q = best_of_n_probs(p, r, n)
+            mean_estimate = sum(float(q[i]) * best_of_n_kl_estimate(n, float(p[i])) for i in range(V))
+            assert exact_best_of_n_kl(p, r, n) - 1e-12 <= mean_estimate <= best_of_n_kl(n) + 1e-12
 
 
 @pytest.mark.parametrize("bad", [0, -3])
@@ -120,8 +150,9 @@ def test_mismatched_lengths_and_unnormalised_probabilities_are_rejected():
         exact_best_of_n_kl([0.2, 0.2, 0.5], [1.0, 2.0, 3.0], 2)
     with pytest.raises(ValueError, match=r"ref_probs must be >= 0"):
         exact_best_of_n_kl([1.2, -0.2], [1.0, 2.0], 2)
-    with pytest.raises(ValueError, match=r"eps must be a probability"):
-        best_of_n_kl_estimate(3, 0.0)
+    for bad_eps in (-0.1, 1.5, float("nan")):
+        with pytest.raises(ValueError, match=r"eps must be a probability in \[0, 1\], got"):
+            best_of_n_kl_estimate(3, bad_eps)
 
 
 def test_pool_curve_matches_the_exact_law_of_each_prompt_pool():
@@ -181,6 +212,33 @@ def test_best_of_n_on_a_toy_categorical_model_follows_the_exact_law():
     assert out.proxy.shape == (P,) and torch.isnan(out.gold).all()
 
 
+@pytest.mark.slow
+def test_best_of_n_kl_estimate_is_the_mean_of_beirami_estimate_at_the_kept_response_probability():
+    """Tie-free reward on one-token responses: kl_estimate against sum_y pi_bon(y) KL_hat(n, pi_ref(y)), exactly."""
+    from tiny_models import tiny_gpt2, word_tokenizer
+
+    words = ["a", "bb", "cc", "ddd", "e", "ffff", "gg"]
+    tok = word_tokenizer(words)
+    model = tiny_gpt2(len(words) + 2, n_embd=32, seed=3)
+    with torch.no_grad():  # peaked: "gg", the most rewarded, has 2/3 of the mass, so the estimate is far below the bound
+        model.lm_head.weight.mul_(torch.linspace(0.5, 20.0, model.lm_head.weight.shape[0])[:, None])
+    enc = tok(["a bb"], return_tensors="pt")
+    with torch.no_grad():
+        logits = model(**enc).logits[0, -1].double()
+    logits[tok.eos_token_id] = float("-inf")
+    ref = torch.softmax(logits, -1)
+    texts = [tok.decode([i], skip_special_tokens=True) for i in range(ref.shape[0])]  # <eos>, <pad> -> ""
+    rank = {w: float(v) for w, v in zip(words, [0, 5, 3, 2, 4, 1, 6])}
+    reward = lambda ts: torch.tensor([rank.get(t, -1.0) for t in ts])  # noqa: E731  (distinct: eos is never drawn)
+    n, P = 4, 3000
+    q = best_of_n_probs(ref, reward(texts), n)
+    expected = sum(float(q[i]) * best_of_n_kl_estimate(n, float(ref[i])) for i in range(ref.shape[0]) if ref[i] > 0)
+    out = best_of_n(model, tok, ["a bb"] * P, n, reward, max_new_tokens=1, block_eos=True, batch_size=3000, seed=11)
+    assert float(ref[words.index("gg")]) > 0.6 and expected < 0.6 * out.kl_bound
+    assert out.kl_estimate == pytest.approx(expected, abs=0.01)  # Monte Carlo over P prompts: sd of the mean ~0.001
+    assert exact_best_of_n_kl(ref, reward(texts), n) == pytest.approx(expected, abs=0.01)  # and it tracks the true KL
+
+
 def _write_run(folder, kl_seq, gold, kl_coef=0.0):
     folder.mkdir(parents=True)
     lines = [json.dumps({"step": i, "kl_seq": k, "gold_reward": g, "kl_coef": kl_coef}) for i, (k, g) in enumerate(zip(kl_seq, gold))]
@@ -222,6 +280,23 @@ def test_plot_frontier_rejects_a_run_without_kl_seq(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "no kl_seq" in err and "metrics.jsonl" in err
     assert not (tmp_path / "f.png").exists()
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--n", "0,2"], "--n must be comma-separated integers >= 1, got '0,2'"),
+    (["--n", "2.5"], "--n must be comma-separated integers >= 1, got '2.5'"),
+    (["--n", "1,8", "--pool", "4"], "--pool (4) must be >= the largest n (8)"),
+])
+def test_klbelt_bon_rejects_bad_n_and_pool_before_loading_a_model(tmp_path, capsys, argv, message):
+    from klbelt.cli.main import main
+
+    try:
+        code = main(["bon", "--model", "tiny", "--out", str(tmp_path / "out"), *argv])
+    except SystemExit as e:  # argparse's usage error
+        code = e.code
+    assert code == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "out" / "bon.json").exists()
 
 
 @pytest.mark.slow

@@ -65,9 +65,40 @@ def test_fused_logprobs_match_reference_on_both_kernel_backends(backend):
         torch.testing.assert_close(g_got.double(), g_want.double(), rtol=1e-4, atol=1e-5)
 
 
-def test_entropy_is_minus_sum_p_log_p_and_detached():
+def test_fused_kl_matches_reference_on_both_kernel_backends(backend):
+    h, w, b, _ = _head(seed=5, dtype=torch.float32)
+    rh = (h.detach() + 0.3 * torch.randn(N, H, generator=torch.Generator().manual_seed(6))).contiguous()
+    got = kl_from_hidden(h, w, rh, w.detach(), bias=b, ref_bias=b.detach(), temperature=1.3, chunk_size=5)
+    logp = torch.log_softmax((h.double() @ w.double().T + b.double()) / 1.3, -1)
+    logq = torch.log_softmax((rh.double() @ w.detach().double().T + b.detach().double()) / 1.3, -1)
+    want = (logp.exp() * (logp - logq)).sum(-1)
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-6)
+    for a, r in zip(_grads(got, torch.ones(N), h, w, b), _grads(want, torch.ones(N, dtype=torch.float64), h, w, b)):
+        torch.testing.assert_close(a.double(), r.double(), rtol=1e-4, atol=1e-5)
+
+
+def test_rows_whose_maximum_the_one_pass_shift_misses_are_recomputed_exactly(backend):
+    """V=200: the one-pass kernel's shift samples every 3rd column, so a logit of ~1000 at column 1 overflows it."""
+    g = torch.Generator().manual_seed(12)
+    h = torch.randn(6, 4, generator=g, dtype=torch.float64)
+    w = torch.randn(200, 4, generator=g, dtype=torch.float64)
+    h[2] = 0.0
+    h[2, 0] = 1000.0
+    w[:, 0] = w[:, 0].clamp(-0.5, 0.5)
+    w[1, 0] = 1.0  # row 2: z[2, 1] = 1000, every other z[2, v] = 1000 * w[v, 0] <= 500
+    t = torch.tensor([0, 5, 1, 7, 199, 3])
+    got = logprobs_from_hidden(h.float(), w.float(), t, chunk_size=4)
+    want = _reference_logprobs(h.float(), w.float(), None, t, 1.0)
+    assert torch.isfinite(got).all()
+    torch.testing.assert_close(got.double(), want.double(), rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("sub_block_numel", [None, 3 * V])  # 3 * V: 3-row sub-blocks inside 5-row blocks
+def test_entropy_is_minus_sum_p_log_p_and_detached(sub_block_numel, monkeypatch):
+    if sub_block_numel is not None:
+        monkeypatch.setattr(_kernels, "EAGER_CHUNK_NUMEL", sub_block_numel)
     h, w, b, t = _head(seed=2)
-    logp, ent = logprobs_from_hidden(h, w, t, bias=b, temperature=0.9, chunk_size=4, with_entropy=True)
+    logp, ent = logprobs_from_hidden(h, w, t, bias=b, temperature=0.9, chunk_size=5, with_entropy=True)
     z = (h @ w.T + b) / 0.9
     p = torch.softmax(z, -1)
     torch.testing.assert_close(ent, -(p * torch.log_softmax(z, -1)).sum(-1), rtol=1e-10, atol=1e-10)
@@ -162,6 +193,8 @@ def test_kl_from_hidden_of_identical_heads_is_zero():
         ({"tokens": torch.zeros(4, dtype=torch.long)}, ValueError, ["tokens", "(3,)", "(4,)"]),
         ({"bias": torch.zeros(5)}, ValueError, ["bias", f"({V},)", "(5,)"]),
         ({"weight": torch.zeros(V)}, ValueError, ["weight", "[V, H]"]),
+        ({"weight": torch.zeros(V, H, device="meta")}, ValueError, ["weight", "hidden", "meta", "cpu"]),
+        ({"chunk_size": -3}, ValueError, ["chunk_size", "-3"]),
     ],
 )
 def test_bad_input_names_the_argument_what_it_got_and_what_was_expected(kwargs, exc, words):
@@ -170,6 +203,28 @@ def test_bad_input_names_the_argument_what_it_got_and_what_was_expected(kwargs, 
     args.update(kwargs)
     with pytest.raises(exc) as info:
         logprobs_from_hidden(args["hidden"], args["weight"], args["tokens"], **extra)
+    for word in words:
+        assert word in str(info.value), (word, str(info.value))
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "words"),
+    [
+        ({"ref_weight": torch.zeros(V + 1, H)}, ["ref_weight", f"{V} rows", f"({V + 1}, {H})"]),
+        ({"ref_hidden": torch.zeros(4, H)}, ["ref_hidden", "(3,)", "(4,)"]),
+        ({"ref_hidden": torch.zeros(3, H + 1)}, ["ref_hidden", f"hidden size {H}", f"(3, {H + 1})", "ref_weight"]),
+        ({"direction": "sideways"}, ["direction", "sideways"]),
+        ({"chunk_size": 0}, ["chunk_size", "got 0"]),
+        ({"weight": torch.zeros(V, H, dtype=torch.float64)}, ["weight", "hidden", "float64", "float32"]),
+    ],
+)
+def test_kl_from_hidden_bad_input_names_the_argument_what_it_got_and_what_was_expected(kwargs, words):
+    args = {"hidden": torch.zeros(3, H), "weight": torch.zeros(V, H), "ref_hidden": torch.zeros(3, H),
+            "ref_weight": torch.zeros(V, H)}
+    extra = {k: kwargs.pop(k) for k in ("chunk_size", "direction") if k in kwargs}
+    args.update(kwargs)
+    with pytest.raises(ValueError) as info:
+        kl_from_hidden(args["hidden"], args["weight"], args["ref_hidden"], args["ref_weight"], **extra)
     for word in words:
         assert word in str(info.value), (word, str(info.value))
 
@@ -213,6 +268,47 @@ def test_no_rows_times_vocab_tensor_is_kept_for_the_backward():
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "biggest saved" in result.stdout
+
+
+@pytest.mark.slow
+def test_default_blocks_keep_the_extra_peak_of_forward_and_backward_under_an_eighth_of_the_logits():
+    """Resident-memory peak of one call (klbelt.bench._memory), in a child process.
+
+    The control: the same measurement sees the matmul + kernel path hold at
+    least the full fp32 logits, so a fused path that kept them would fail.
+    """
+    code = textwrap.dedent(
+        """
+        import torch
+        from klbelt.bench import _memory
+        from klbelt.kl import kl_from_hidden, kl_from_logits, logprobs_from_hidden, logprobs_from_logits
+        torch.manual_seed(0)
+        n, h, v = 2048, 32, 16384
+        x = torch.randn(n, h, requires_grad=True)
+        w = torch.randn(v, h, requires_grad=True)
+        rx, t = x.detach() * 0.9, torch.randint(0, v, (n,))
+        calls = {
+            "fused_logprobs": lambda: logprobs_from_hidden(x, w, t),
+            "fused_kl": lambda: kl_from_hidden(x, w, rx, w.detach()),
+            "unfused_logprobs": lambda: logprobs_from_logits(x @ w.T, t),
+        }
+        for name, fn in calls.items():
+            def call(fn=fn):
+                out = fn()
+                return (out.detach(), *torch.autograd.grad(out.sum(), [x, w]))
+            print(name, _memory.extra_peak_bytes(call) / (n * v * 4))
+        """
+    )
+    from klbelt.bench._memory import CHILD_ENV, peak_is_resettable
+
+    if not peak_is_resettable():
+        pytest.skip("the resident-memory peak cannot be reset on this system")
+    env = {**__import__("os").environ, **CHILD_ENV, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env)
+    assert result.returncode == 0, result.stderr[-2000:]
+    ratio = {line.split()[0]: float(line.split()[1]) for line in result.stdout.splitlines()}
+    assert ratio["unfused_logprobs"] >= 1.0, ratio
+    assert ratio["fused_logprobs"] <= 1 / 8 and ratio["fused_kl"] <= 1 / 8, ratio
 
 
 def _rollout(vocab, blocked=()):

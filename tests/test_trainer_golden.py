@@ -1,9 +1,11 @@
 """The trainer computes today exactly what it computed before its refactor (issue 16).
 
 ``tests/data/trainer_golden.json`` holds every metric of nine short runs recorded
-by ``tests/data/make_trainer_golden.py`` with the code before ``train()`` was
-split into named steps (its commit is in the file). The same runs with the
-current code must give the same metrics: bit for bit where the machine matches
+by ``tests/data/make_trainer_golden.py``, first with the code before ``train()``
+was split into named steps (the refactor reproduced them bit for bit), then
+again after the deliberate numeric changes listed in the file's ``history``.
+Any later change that moves a metric must be deliberate: re-record, and say
+why in ``HISTORY``. The same runs with the current code must give the same metrics: bit for bit where the machine matches
 the recording's (torch version, CPU capability, bf16 support); elsewhere
 float kernels may round differently, so fp32 runs are compared within rel 1e-4
 and bf16 runs (whose rounding depends on the CPU's kernels) are skipped.

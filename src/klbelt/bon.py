@@ -48,25 +48,40 @@ def best_of_n_kl(n: int) -> float:
 def best_of_n_kl_estimate(n: int, eps: float) -> float:
     """Beirami et al. 2024's tighter estimate of the best-of-n KL, nats per sequence.
 
-    ``eps`` in (0, 1] is the reference probability of the single most rewarded
-    outcome. With a = (1 - eps)^n::
+    Section 4 of "Theoretical guarantees on the best-of-n alignment policy"
+    (arXiv 2401.01879). With a = (1 - eps)^n::
 
         KL_hat(n, eps) = a * (log n + (n - 1) log(1 - eps) - (n - 1) / n)
                          + (1 - a) * log((1 - a) / eps)
 
-    This is the exact KL when the top outcome is an atom of mass ``eps`` and the
-    rest of the reference is continuous and tie-free: the atom is picked with
-    probability 1 - a (second term); below it the maximum's quantile has density
-    n u^(n-1) on [0, 1 - eps] (first term). eps -> 0 recovers log n - (n-1)/n,
-    eps = 1 gives 0; it never exceeds :func:`best_of_n_kl`.
+    In the paper ``eps`` (their epsilon_n) is pi_ref(y|x), the reference
+    probability of the response y that best-of-n kept, and the KL estimate is
+    the mean of KL_hat over kept responses (a Monte Carlo estimate). The paper
+    states it as an estimate, not a bound: 0 <= KL_hat <= log n - (n-1)/n always,
+    it tracks the true KL closely in their experiments, and that its mean upper-
+    bounds the KL is a conjecture there. The paper assumes distinct rewards;
+    with ties, best-of-n's KL is the KL between the laws of the kept reward
+    *level*, so pass the reference mass of the kept response's reward level.
+
+    Where it is exact (our derivation, checked in tests/test_bon.py): a reference
+    whose top outcome is an atom of mass ``eps`` over a continuous, tie-free rest.
+    The atom is kept with probability 1 - a (second term); below it the maximum's
+    quantile has density n u^(n-1) on [0, 1 - eps] (first term). ``eps`` in
+    [0, 1]: eps = 0 (a probability that underflowed) is the limit
+    log n - (n-1)/n, eps = 1 gives 0.
     """
     n = _check_n(n)
-    if isinstance(eps, bool) or not isinstance(eps, numbers.Real) or not 0.0 < float(eps) <= 1.0:
-        raise ValueError(f"eps must be a probability in (0, 1], got {eps!r}")
+    if isinstance(eps, bool) or not isinstance(eps, numbers.Real) or not 0.0 <= float(eps) <= 1.0:
+        raise ValueError(f"eps must be a probability in [0, 1], got {eps!r}")
     eps = float(eps)
-    a = math.exp(n * math.log1p(-eps)) if eps < 1.0 else 0.0
+    if eps == 0.0:
+        return best_of_n_kl(n)
+    log_a = n * math.log1p(-eps) if eps < 1.0 else -math.inf
+    a = math.exp(log_a)
+    one_minus_a = -math.expm1(log_a)  # no cancellation when eps is tiny (a sequence's probability)
     rest = a * (math.log(n) + (n - 1) * math.log1p(-eps) - (n - 1) / n) if a > 0.0 else 0.0
-    return rest + (1.0 - a) * math.log((1.0 - a) / eps)
+    top = one_minus_a * (math.log(one_minus_a) - math.log(eps)) if one_minus_a > 0.0 else 0.0
+    return rest + top
 
 
 def _check_dist(ref_probs, rewards) -> tuple[torch.Tensor, torch.Tensor]:
@@ -171,9 +186,12 @@ class BestOfN:
 
     texts: the kept response of each prompt; proxy, gold: [P] their scores
     (gold NaN without ``gold_fn``); kl_bound: log n - (n-1)/n, nats/sequence;
-    kl_estimate: the mean over prompts of :func:`best_of_n_kl_estimate` with eps
-    the fraction of the prompt's n samples that tie at the top proxy score (an
-    estimate from n samples: noisy, and it sees ties the bound ignores).
+    kl_estimate: Beirami et al.'s estimate, the mean over prompts of
+    :func:`best_of_n_kl_estimate` (n, eps) with eps the reference mass of the
+    kept response's reward level: its own probability pi_ref(y|x) (the
+    sampler's log-probs, summed) when no different response ties with it at
+    the top, as in the paper; else k/n, the fraction of the n samples tied at
+    the top (a plug-in estimate: noisy, and it sees ties the bound ignores).
     """
 
     texts: list[str]
@@ -194,6 +212,13 @@ def sample_pool(policy, tokenizer, prompts: Sequence[str], n: int, reward_fn: Ca
     ``gold_fn(texts, ref_nll)`` gets the sampling model's mean NLL per token of
     each response (the policy is the reference here); gold is NaN without it.
     """
+    texts, proxy, gold, _ = _sample_pool(policy, tokenizer, prompts, n, reward_fn, gold_fn, max_new_tokens=max_new_tokens,
+                                         temperature=temperature, block_eos=block_eos, batch_size=batch_size, seed=seed)
+    return texts, proxy, gold
+
+
+def _sample_pool(policy, tokenizer, prompts, n, reward_fn, gold_fn, *, max_new_tokens, temperature, block_eos, batch_size, seed):
+    """:func:`sample_pool` plus ``seq_logprob`` [P, n]: each response's log-probability under the sampling distribution."""
     from .rl.rollout import sample
 
     n = _check_n(n)
@@ -202,7 +227,7 @@ def sample_pool(policy, tokenizer, prompts: Sequence[str], n: int, reward_fn: Ca
     eos = tokenizer.eos_token_id
     generator = torch.Generator().manual_seed(seed)
     flat = [p for p in prompts for _ in range(n)]
-    texts, proxy, gold = [], [], []
+    texts, proxy, gold, seq_logprob = [], [], [], []
     for start in range(0, len(flat), batch_size):
         chunk = flat[start : start + batch_size]
         enc = tokenizer(chunk, return_tensors="pt", padding=True)
@@ -215,6 +240,7 @@ def sample_pool(policy, tokenizer, prompts: Sequence[str], n: int, reward_fn: Ca
         )
         out = tokenizer.batch_decode(roll.responses, skip_special_tokens=True)
         texts += out
+        seq_logprob.append((roll.logprobs.double() * roll.response_mask).sum(-1).cpu())
         proxy.append(torch.as_tensor(reward_fn(out), dtype=torch.float32).cpu())
         if gold_fn is not None:
             nll = -(roll.logprobs * roll.response_mask).sum(-1) / roll.response_mask.sum(-1).clamp(min=1.0)
@@ -222,7 +248,7 @@ def sample_pool(policy, tokenizer, prompts: Sequence[str], n: int, reward_fn: Ca
     P = len(prompts)
     proxy_t = torch.cat(proxy).view(P, n)
     gold_t = torch.cat(gold).view(P, n) if gold else torch.full((P, n), float("nan"))
-    return [texts[i * n : (i + 1) * n] for i in range(P)], proxy_t, gold_t
+    return [texts[i * n : (i + 1) * n] for i in range(P)], proxy_t, gold_t, torch.cat(seq_logprob).view(P, n)
 
 
 def best_of_n(policy, tokenizer, prompts: Sequence[str], n: int, reward_fn: Callable, gold_fn: Callable | None = None, *,
@@ -236,8 +262,9 @@ def best_of_n(policy, tokenizer, prompts: Sequence[str], n: int, reward_fn: Call
     (the analytic bound and an estimate, see :class:`BestOfN`).
     """
     n = _check_n(n)
-    all_texts, proxy, gold = sample_pool(policy, tokenizer, prompts, n, reward_fn, gold_fn, max_new_tokens=max_new_tokens,
-                                         temperature=temperature, block_eos=block_eos, batch_size=batch_size, seed=seed)
+    all_texts, proxy, gold, seq_logprob = _sample_pool(policy, tokenizer, prompts, n, reward_fn, gold_fn,
+                                                       max_new_tokens=max_new_tokens, temperature=temperature,
+                                                       block_eos=block_eos, batch_size=batch_size, seed=seed)
     generator = torch.Generator().manual_seed(seed + 1)
     top = proxy.max(dim=1, keepdim=True).values
     tied = proxy == top
@@ -245,7 +272,12 @@ def best_of_n(policy, tokenizer, prompts: Sequence[str], n: int, reward_fn: Call
     keys = torch.where(tied, torch.rand(proxy.shape, generator=generator), torch.full(proxy.shape, -1.0))
     pick = keys.argmax(dim=1)
     rows = torch.arange(len(all_texts))
-    eps = tied.double().mean(dim=1).tolist()
+    eps = []
+    for i, j in enumerate(pick.tolist()):
+        top_texts = {all_texts[i][k] for k in range(n) if tied[i, k]}
+        # one distinct response at the top (drawn once or more) is one outcome: the paper's pi_ref(y|x);
+        # different responses tied at the top share one reward level, whose mass k/n estimates
+        eps.append(float(seq_logprob[i, j].exp()) if len(top_texts) == 1 else float(tied[i].sum()) / n)
     return BestOfN(
         texts=[all_texts[i][int(j)] for i, j in enumerate(pick)],
         proxy=proxy[rows, pick],

@@ -9,21 +9,34 @@ Three implementations per function, timed and memory-measured on the same inputs
 
 On a CUDA device with ``liger_kernel`` installed, Liger-Kernel's fused linear
 cross-entropy (``-logprob`` summed) is timed too as the anchor (``liger_ms``).
-Extra peak memory is measured as in ``klbelt bench kernels`` (``_memory``: peak
+Extra peak memory is defined as in ``klbelt bench kernels`` (``_memory``: peak
 resident memory of one call minus what it returns, in a fresh process per
-configuration; on CUDA the allocator's peak). ``logits_mb`` is the size of the
-fp32 ``[N, V]`` logits, the yardstick of the targets (extra peak <= 1/8 of it).
+configuration; on CUDA the allocator's peak), and taken on the first timed call.
+``logits_mb`` is the size of the fp32 ``[N, V]`` logits, the yardstick of the
+targets (extra peak <= 1/8 of it).
+
+Each implementation is called once to warm up (compilation, thread pools),
+then timed ``--repeats`` times (median reported). Cells whose matmul is at
+least ``--big-gflop`` GFLOP, where one call takes minutes on 2 CPU cores, are
+warmed up on their first ``WARMUP_ROWS`` rows only (the kernels are compiled
+for dynamic shapes) and timed ``--big-repeats`` times; their extra peak then
+also holds buffers a library allocates on first use at full size (~20 MB). Every row says its
+``repeats``. With ``--json`` the human-readable table goes to stderr, so
+``--json > cells.json 2> cells.txt`` keeps both.
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import statistics
 import subprocess
 import sys
 import time
+
+WARMUP_ROWS = 512
 
 DESCRIPTION = "time and extra peak memory of log-probs / exact KL from hidden states: naive, matmul + kernel, fused"
 
@@ -36,6 +49,13 @@ def _ints(text: str) -> list[int]:
     if not values or min(values) < 1:
         raise argparse.ArgumentTypeError(f"expected comma-separated positive ints, got {text!r}")
     return values
+
+
+def _ints1(text: str) -> int:
+    values = _ints(text)
+    if len(values) != 1:
+        raise argparse.ArgumentTypeError(f"expected one positive int, got {text!r}")
+    return values[0]
 
 
 def _names(valid):
@@ -58,9 +78,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="functions to measure (default logprobs,kl)")
     parser.add_argument("--passes", type=_names(("forward", "forward+backward")), default=["forward", "forward+backward"],
                         help="passes (default forward,forward+backward)")
+    parser.add_argument("--impls", type=_names(("naive", "unfused", "fused")), default=["naive", "unfused", "fused"],
+                        help="implementations to measure (default naive,unfused,fused); a missing one reports null")
     parser.add_argument("--quick", action="store_true",
                         help="one small configuration: N=1024, H=576, V=49152, float32 (about a minute on 2 CPU cores)")
-    parser.add_argument("--repeats", type=int, default=3, help="timed calls per implementation; the median is reported (default 3)")
+    parser.add_argument("--repeats", type=_ints1, default=3, help="timed calls per implementation; the median is reported (default 3)")
+    parser.add_argument("--big-repeats", type=_ints1, default=1,
+                        help="timed calls for cells whose matmul is at least --big-gflop GFLOP (default 1)")
+    parser.add_argument("--big-gflop", type=float, default=1000.0,
+                        help="matmul size (2 N H V / 1e9) from which --big-repeats applies (default 1000)")
     parser.add_argument("--no-memory", action="store_true", help="skip the extra-peak-memory measurement")
     parser.add_argument("--device", default="cuda" if _cuda() else "cpu", help="cpu or cuda (default: cuda when available)")
     parser.add_argument("--json", action="store_true", help="print the table as JSON (a list of rows)")
@@ -120,36 +146,42 @@ def _child(spec: dict) -> dict:
     t = torch.randint(0, v, (n,), device=device)
     with_liger = device.startswith("cuda") and spec.get("liger", False)
     out = {}
+    cuda = device.startswith("cuda")
+    rss_peak = not cuda and spec["memory"] and _memory.peak_is_resettable()
+    warm = min(n, WARMUP_ROWS) if spec.get("big") else n
     for name, fn in _impls(spec["function"], torch, with_liger).items():
-        def call(fn=fn):
-            res = fn(h, w, t, rh, rw)
+        if name in ("naive", "unfused", "fused") and name not in spec["impls"]:
+            continue
+        def call(rows=n, fn=fn):
+            hs, ts, rhs = (h, t, rh) if rows == n else (h[:rows], t[:rows], rh[:rows])
+            res = fn(hs, w, ts, rhs, rw)
             if backward:
                 return (res.detach(), *torch.autograd.grad(res.sum(), [h, w]))
             return (res,)
 
-        times = []
-        for i in range(1 + spec["repeats"]):  # the first call warms up (compilation, thread pools)
-            if device.startswith("cuda"):
+        call(warm)  # warm-up: compilation (dynamic shapes), thread pools, lazily loaded code
+        times, peak = [], None
+        for i in range(spec["repeats"]):
+            measure = i == 0 and spec["memory"]
+            gc.collect()
+            if cuda:
                 torch.cuda.synchronize()
+                if measure:
+                    torch.cuda.reset_peak_memory_stats()
+                    before = torch.cuda.memory_allocated()
+            elif measure and rss_peak:
+                _memory.reset_peak()
+                before = _memory._status_kib("VmRSS")
             start = time.perf_counter()
             res = call()
-            if device.startswith("cuda"):
+            if cuda:
                 torch.cuda.synchronize()
-            if i:
-                times.append((time.perf_counter() - start) * 1e3)
-            del res
-        peak = None
-        if spec["memory"]:
-            if device.startswith("cuda"):
-                torch.cuda.synchronize()
-                torch.cuda.reset_peak_memory_stats()
-                before = torch.cuda.memory_allocated()
-                res = call()
-                torch.cuda.synchronize()
+            times.append((time.perf_counter() - start) * 1e3)
+            if measure and cuda:
                 peak = max(0, torch.cuda.max_memory_allocated() - before - _memory.tensor_bytes(res))
-                del res
-            elif _memory.peak_is_resettable():
-                peak = _memory.extra_peak_bytes(call)
+            elif measure and rss_peak:
+                peak = max(0, (_memory._status_kib("VmHWM") - before) * 1024 - _memory.tensor_bytes(res))
+            del res
         out[name] = (statistics.median(times), None if peak is None else peak / 2**20)
     return out
 
@@ -170,7 +202,7 @@ def run(args) -> int:
     if not args.json:
         print("liger_kernel: " + ("timed as the anchor" if liger else
               "not timed (needs a CUDA device and the liger-kernel package)"), file=sys.stderr)
-    rows = []
+    rows, none = [], (None, None)
     env = {**os.environ, **__import__("klbelt.bench._memory", fromlist=["CHILD_ENV"]).CHILD_ENV}
     for function in args.functions:
         for n in args.rows:
@@ -179,8 +211,11 @@ def run(args) -> int:
                     for dtype in args.dtypes:
                         for pass_ in args.passes:
                             spec = {"function": function, "pass": pass_, "rows": n, "hidden": hsize, "vocab": v,
-                                    "dtype": dtype, "device": args.device, "repeats": max(1, args.repeats),
-                                    "memory": not args.no_memory, "liger": liger and function == "logprobs"}
+                                    "dtype": dtype, "device": args.device,
+                                    "big": 2 * n * hsize * v / 1e9 >= args.big_gflop,
+                                    "memory": not args.no_memory, "liger": liger and function == "logprobs",
+                                    "impls": args.impls}
+                            spec["repeats"] = args.big_repeats if spec["big"] else args.repeats
                             proc = subprocess.run(
                                 [sys.executable, "-m", "klbelt", "bench", "fused", "--child", json.dumps(spec)],
                                 capture_output=True, text=True, env=env,
@@ -192,28 +227,33 @@ def run(args) -> int:
                             row = {
                                 "function": function, "pass": pass_, "rows": n, "hidden": hsize, "vocab": v,
                                 "dtype": dtype, "device": args.device,
-                                "fused_ms": res["fused"][0], "unfused_ms": res["unfused"][0], "naive_ms": res["naive"][0],
-                                "fused_extra_peak_mb": res["fused"][1], "unfused_extra_peak_mb": res["unfused"][1],
-                                "naive_extra_peak_mb": res["naive"][1], "logits_mb": n * v * 4 / 2**20,
+                                "fused_ms": res.get("fused", none)[0], "unfused_ms": res.get("unfused", none)[0],
+                                "naive_ms": res.get("naive", none)[0], "fused_extra_peak_mb": res.get("fused", none)[1],
+                                "unfused_extra_peak_mb": res.get("unfused", none)[1],
+                                "naive_extra_peak_mb": res.get("naive", none)[1], "logits_mb": n * v * 4 / 2**20,
+                                "repeats": spec["repeats"],
                             }
                             if "liger" in res:
                                 row["liger_ms"], row["liger_extra_peak_mb"] = res["liger"]
                             rows.append(row)
-                            if not args.json:
-                                _print_row(row)
+                            _print_row(row, sys.stderr if args.json else sys.stdout)
     if args.json:
         print(json.dumps(rows, indent=1))
     return 0
 
 
-def _print_row(row: dict) -> None:
+def _print_row(row: dict, file) -> None:
     def mb(x):
         return "n/a" if x is None else f"{x:.0f}"
 
+    def ratio(a, b):
+        return "n/a" if a is None or b is None else f"{a / b:.2f}x"
+
     print(
         f"{row['function']:8s} {row['pass']:16s} N={row['rows']} H={row['hidden']} V={row['vocab']} {row['dtype']:8s} "
-        f"time ms fused {row['fused_ms']:.0f} / unfused {row['unfused_ms']:.0f} / naive {row['naive_ms']:.0f} "
-        f"(fused/unfused {row['fused_ms'] / row['unfused_ms']:.2f}x); extra peak MB fused {mb(row['fused_extra_peak_mb'])} "
-        f"/ unfused {mb(row['unfused_extra_peak_mb'])} / naive {mb(row['naive_extra_peak_mb'])}; logits {row['logits_mb']:.0f} MB",
-        flush=True,
+        f"time ms fused {mb(row['fused_ms'])} / unfused {mb(row['unfused_ms'])} / naive {mb(row['naive_ms'])} "
+        f"(fused/unfused {ratio(row['fused_ms'], row['unfused_ms'])}); extra peak MB fused {mb(row['fused_extra_peak_mb'])} "
+        f"/ unfused {mb(row['unfused_extra_peak_mb'])} / naive {mb(row['naive_extra_peak_mb'])}; logits {row['logits_mb']:.0f} MB"
+        f" (median of {row['repeats']})",
+        file=file, flush=True,
     )

@@ -225,7 +225,7 @@ def run(args) -> int:
     memory = {}
     if not args.no_memory:
         spec = {k: getattr(args, k) for k in ("rows", "vocab", "dtypes", "seed", "backend")}
-        memory = _memory.measure_in_child(spec)
+        memory = _memory.measure_in_child(spec, "klbelt.bench.kernels:measure_memory")
     for row in rows:
         for key, field in (("name", "extra_peak_mb"), ("baseline", "baseline_extra_peak_mb")):
             value = memory.get(f"{row[key]}|{row['dtype']}|{row['pass']}")

@@ -21,25 +21,11 @@ The reported time is the median over every timed update of every run (robust
 to other processes taking the CPU for a while); tokens/s = batch x response
 tokens / that time.
 
-TRL is configured for the same work: ``per_device_train_batch_size`` = batch,
-``gradient_accumulation_steps=1``, ``num_mini_batches`` and ``num_ppo_epochs``
-as the setting, ``local_rollout_forward_batch_size`` = batch,
-``response_length`` = response tokens with ``stop_token=None``, no gradient
-checkpointing (PPOConfig's default recomputes the forward), fp32 (no bf16),
-``num_sample_generations=0``, no saving, no reporting. What remains TRL's own
-way of doing things is measured with it: ``generate()``, logits and values
-over every position, one AdamW over policy + value, two ``gc.collect()`` per
-update. (klbelt does a little more: it clips each model's gradient norm.)
-
-The floor: with the same Hugging Face modules, the passes no PPO update can
-avoid, timed alone in ``--floor-repeats`` rounds over all passes (median per
-pass): the generation steps (prompt pass + one cached decode step per further
-token, sampling included), one reference, value and reward forward over the
-batch, and epochs x minibatches x (policy forward+backward, value
-forward+backward, the two AdamW steps). Like any batched trainer it passes
-attention masks and position ids, and computes logits and values at the
-response positions only. ``floor_ratio`` = klbelt seconds per update / floor
-seconds; ``floor_parts_s`` says what the floor is made of.
+TRL's side and its configuration: ``klbelt.bench.baselines.trl`` (``ppo_gpt2``). The
+floor, the passes no PPO update can avoid timed alone in ``--floor-repeats`` rounds:
+``klbelt.bench.floor`` (``gpt2_floor``); ``floor_ratio`` = klbelt seconds per update /
+floor seconds; ``floor_parts_s`` says what the floor is made of. The shared work (models,
+prompts, tokenizer): ``klbelt.bench.work``; the timing: ``klbelt.bench._timing``.
 
 Peak memory (``*_peak_mb``): measured in one more run per trainer, with
 glibc returning every freed block of 64 KiB or more to the OS (see
@@ -58,11 +44,13 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import time
 
-from ._memory import _status_kib, reset_peak
+from . import _timing
+from ._memory import CHILD_ENV, peak_growth_mb, reset_peak_kib
+from ._timing import Stop, intervals as _intervals
+from .work import gpt2_work, prewarm
 
 DESCRIPTION = "tokens/s of whole PPO updates: klbelt's trainer vs TRL's PPOTrainer and the floor (settings A and B)"
 
@@ -71,7 +59,6 @@ SETTINGS = {
     "B": {"batch": 64, "response_tokens": 32, "epochs": 4, "minibatches": 4},
 }
 TARGETS = {"A": {"speedup": 8.0, "floor_ratio": 1.6}, "B": {"speedup": 1.4, "floor_ratio": 1.15}}
-RESULT_MARK = "KLBELT_BENCH_RESULT "
 
 
 def add_arguments(parser) -> None:
@@ -93,110 +80,20 @@ def add_arguments(parser) -> None:
     parser.add_argument("--json-out", default=None, help="also write that JSON list to this file")
     parser.add_argument("--model", default=None,
                         help="smollm2 or a local causal-LM directory: time the English demo's update on that model "
-                        "against TRL's GRPOTrainer and the floor instead (see klbelt.bench.real_model)")
+                        "against TRL's PPOTrainer and GRPOTrainer and the floor instead (see klbelt.bench.real_model)")
     parser.add_argument("--memory", action="store_true", help="with --model: peak memory of one update with full logits vs the fused LM head")
     parser.add_argument("--memory-batch", type=int, default=64, help="with --memory: sequences (default 64)")
     parser.add_argument("--memory-tokens", type=int, default=128, help="with --memory: response tokens (default 128)")
-    parser.add_argument("--trl-python", default=None, help="with --model: run the TRL side under this Python (e.g. a venv with the newest TRL)")
+    parser.add_argument("--trl-python", default=None, help="with --model: run TRL's GRPOTrainer under this Python (default: the repository's "
+                        ".venv-trl-latest holding the newest TRL, where it exists; else this Python)")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)  # internal: one measurement, JSON spec
 
 
-# --------------------------------------------------------------------------- shared set-up (in each child)
+# --------------------------------------------------------------------------- klbelt's side (in its own process)
 
 
-def _tokenizer(vocab: int):
-    """A word-level PreTrainedTokenizerFast: words w0..w{V-3}, <eos>, <pad> (nothing downloaded)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    words = [f"w{i}" for i in range(vocab - 2)] + ["<eos>", "<pad>"]
-    tok = Tokenizer(models.WordLevel(vocab={w: i for i, w in enumerate(words)}, unk_token="<pad>"))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tok.decoder = decoders.WordPiece(prefix="##")
-    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", pad_token="<pad>", padding_side="left")
-
-
-def _build(spec: dict):
-    """Tokenizer, prompts, and the shared models: policy, reference (a copy) and reward model."""
-    import copy
-
-    import torch
-    from transformers import GPT2Config, GPT2ForSequenceClassification, GPT2LMHeadModel
-
-    tok = _tokenizer(spec["vocab"])
-    config = GPT2Config(
-        vocab_size=spec["vocab"], n_positions=max(64, spec["prompt_len"] + spec["response_tokens"]), n_embd=spec["dim"],
-        n_layer=spec["layers"], n_head=spec["heads"], resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
-        bos_token_id=tok.eos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, num_labels=1,
-    )
-    torch.manual_seed(spec["seed"])
-    policy = GPT2LMHeadModel(config).eval()
-    ref = copy.deepcopy(policy)
-    torch.manual_seed(spec["seed"] + 1)
-    reward = GPT2ForSequenceClassification(config).eval()
-    g = torch.Generator().manual_seed(spec["seed"] + 2)
-    ids = torch.randint(0, spec["vocab"] - 2, (256, spec["prompt_len"]), generator=g)
-    prompts = [" ".join(f"w{i}" for i in row) for row in ids.tolist()]
-    return tok, prompts, policy, ref, reward
-
-
-def _prewarm(policy, reward, prompt_ids) -> None:
-    """Run every kind of pass once on throwaway copies, so code pages, thread pools and allocator
-    arenas that any trainer needs are resident before the memory baseline is taken (both sides alike)."""
-    import copy
-    import gc
-
-    import torch
-
-    from klbelt.rl.rollout import _cache_kwarg, _returned_cache
-
-    model = copy.deepcopy(policy)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
-    with torch.no_grad():
-        out = model(input_ids=prompt_ids, use_cache=True)
-        model(input_ids=prompt_ids[:, -1:], use_cache=True, **{_cache_kwarg(model): _returned_cache(out)})
-        reward(input_ids=prompt_ids)
-    model(input_ids=prompt_ids).logits.float().log_softmax(-1).mean().backward()
-    opt.step()
-    del model, opt, out
-    gc.collect()
-
-
-def _reset_peak() -> int | None:
-    """Reset the resident high-water mark; the resident KiB now, or None where unsupported.
-
-    Memory freed between the reset and the check makes the check fail; retry a few times.
-    """
-    for _ in range(10):
-        try:
-            reset_peak()
-            hwm, rss = _status_kib("VmHWM"), _status_kib("VmRSS")
-        except OSError:
-            return None
-        if hwm <= rss + 64:
-            return rss
-        time.sleep(0.01)
-    return None
-
-
-def _peak_mb(rss_before: int | None) -> float | None:
-    return None if rss_before is None else max(0, _status_kib("VmHWM") - rss_before) / 1024
-
-
-def _intervals(ends: list[float], warmup: int, updates: int) -> list[float]:
-    """Seconds of each timed update: from the end of the update before it to its own end."""
-    timed = ends[warmup - 1 : warmup + updates]
-    return [b - a for a, b in zip(timed, timed[1:])]
-
-
-# --------------------------------------------------------------------------- the three measured children
-
-
-class _Stop(Exception):
-    pass
-
-
-def _child_klbelt(spec: dict) -> dict:
+def klbelt_gpt2(spec: dict) -> dict:
+    """klbelt's trainer on the GPT-2 work: timed updates and the peak memory growth during training."""
     import tempfile
 
     import torch
@@ -205,14 +102,14 @@ def _child_klbelt(spec: dict) -> dict:
     from klbelt.rl.reward_model import RewardModel
     from klbelt.rl.trainer import train
 
-    tok, prompts, policy, ref, reward = _build(spec)
+    tok, prompts, policy, ref, reward = gpt2_work(spec)
     total = spec["warmup"] + spec["updates"]
     ends: list[float] = []
 
     def on_step(record):
         ends.append(time.perf_counter())
         if len(ends) == total:
-            raise _Stop  # before the extra step that would write the final checkpoint
+            raise Stop  # before the extra step that would write the final checkpoint
 
     with tempfile.TemporaryDirectory() as out:
         cfg = TrainConfig(
@@ -222,205 +119,34 @@ def _child_klbelt(spec: dict) -> dict:
             lr=1e-5, critic_lr=1e-5, out=out, checkpoint_every=10**9, samples_every=10**9,
         )
         scorer = RewardModel(reward, tok)
-        _prewarm(policy, reward, tok(prompts[: spec["batch"]], return_tensors="pt")["input_ids"])
+        prewarm(policy, reward, tok(prompts[: spec["batch"]], return_tensors="pt")["input_ids"])
         torch.manual_seed(spec["seed"])
-        rss = _reset_peak()
+        rss = reset_peak_kib()
         try:
             train(cfg, policy, tok, prompts, scorer, ref_policy=ref, on_step=on_step)
-        except _Stop:
+        except Stop:
             pass
-        peak = _peak_mb(rss)
+        peak = peak_growth_mb(rss)
     return {"intervals": _intervals(ends, spec["warmup"], spec["updates"]), "peak_mb": peak}
 
 
-def _child_trl(spec: dict) -> dict:
-    import tempfile
-    import warnings
-
-    import torch
-    from datasets import Dataset
-    from transformers import GPT2ForSequenceClassification, TrainerCallback
-    from trl.experimental.ppo import PPOConfig, PPOTrainer
-
-    warnings.filterwarnings("ignore")
-    tok, prompts, policy, ref, reward = _build(spec)
-    dataset = Dataset.from_dict({"input_ids": [tok(p)["input_ids"] for p in prompts]})
-    total = spec["warmup"] + spec["updates"]
-    ends: list[float] = []
-
-    class Clock(TrainerCallback):
-        def on_step_end(self, args, state, control, **kwargs):
-            ends.append(time.perf_counter())
-
-    with tempfile.TemporaryDirectory() as out:
-        args = PPOConfig(
-            output_dir=out, seed=spec["seed"], use_cpu=True, bf16=False, fp16=False, gradient_checkpointing=False,
-            report_to=[], save_strategy="no", disable_tqdm=True, logging_strategy="no",
-            per_device_train_batch_size=spec["batch"], gradient_accumulation_steps=1,
-            num_mini_batches=spec["minibatches"], num_ppo_epochs=spec["epochs"], local_rollout_forward_batch_size=spec["batch"],
-            response_length=spec["response_tokens"], stop_token=None, missing_eos_penalty=None, temperature=1.0,
-            kl_coef=0.05, kl_estimator="k1", learning_rate=1e-5, total_episodes=spec["batch"] * total,
-            num_sample_generations=0, dataloader_num_workers=0,
-        )
-        _prewarm(policy, reward, tok(prompts[: spec["batch"]], return_tensors="pt")["input_ids"])
-        torch.manual_seed(spec["seed"])
-        rss = _reset_peak()
-        # TRL's value model: a sequence classifier on a copy of the policy's trunk, zero head (klbelt's init)
-        value = GPT2ForSequenceClassification(policy.config)
-        value.transformer.load_state_dict(policy.transformer.state_dict())
-        torch.nn.init.zeros_(value.score.weight)
-        trainer = PPOTrainer(
-            args=args, processing_class=tok, model=policy, ref_model=ref, reward_model=reward, train_dataset=dataset,
-            value_model=value, callbacks=[Clock()],
-        )
-        trainer.train()
-        peak = _peak_mb(rss)
-    if len(ends) != total:
-        raise RuntimeError(f"TRL ran {len(ends)} updates, expected {total}")
-    return {"intervals": _intervals(ends, spec["warmup"], spec["updates"]), "peak_mb": peak,
-            "optimizer": type(trainer.optimizer.optimizer if hasattr(trainer.optimizer, "optimizer") else trainer.optimizer).__name__}
-
-
-def _child_floor(spec: dict) -> dict:
-    """Each unavoidable pass of one update, timed alone with the same Hugging Face modules (seconds, medians)."""
-    import copy
-
-    import torch
-    from torch import nn
-
-    from klbelt.kl import logprobs_from_logits
-    from klbelt.rl.rollout import _cache_kwarg, _returned_cache
-
-    tok, prompts, policy, ref, reward = _build(spec)
-    B, R, E, M = spec["batch"], spec["response_tokens"], spec["epochs"], spec["minibatches"]
-    mb = B // M
-    enc = tok(prompts[:B], return_tensors="pt", padding=True)
-    prompt_ids, prompt_mask = enc["input_ids"], enc["attention_mask"]
-    P = prompt_ids.shape[1]
-    trunk = copy.deepcopy(policy.transformer).train(False)
-    head = nn.Linear(spec["dim"], 1)
-    policy_opt = torch.optim.AdamW(policy.parameters(), lr=1e-5)
-    value_opt = torch.optim.AdamW(list(trunk.parameters()) + list(head.parameters()), lr=1e-5)
-    gen = torch.Generator().manual_seed(spec["seed"])
-    cache_kw = _cache_kwarg(policy)
-
-    def positions(mask):
-        return (mask.cumsum(-1) - 1).clamp_min(0)
-
-    @torch.no_grad()
-    def generate():
-        mask = prompt_mask
-        out = policy(input_ids=prompt_ids, attention_mask=mask, position_ids=positions(mask), use_cache=True, logits_to_keep=1)
-        pos = positions(mask)[:, -1:] + 1
-        tokens = []
-        for step in range(R):
-            token = torch.multinomial(torch.softmax(out.logits[:, -1], -1), 1, generator=gen)
-            tokens.append(token)
-            if step + 1 == R:
-                break
-            mask = torch.cat([mask, mask.new_ones(B, 1)], 1)
-            out = policy(input_ids=token, attention_mask=mask, position_ids=pos, use_cache=True, **{cache_kw: _returned_cache(out)})
-            pos = pos + 1
-        return torch.cat([prompt_ids] + tokens, 1)
-
-    seq = generate()
-    full_mask = torch.cat([prompt_mask, prompt_mask.new_ones(B, R)], 1)
-    pos_full = positions(full_mask)
-    responses = seq[:, P:]
-
-    def values_of(rows):
-        hidden = trunk(input_ids=seq[rows], attention_mask=full_mask[rows], position_ids=pos_full[rows]).last_hidden_state
-        return head(hidden[:, P - 1 : -1]).squeeze(-1)
-
-    @torch.no_grad()
-    def ref_forward():
-        return ref(input_ids=seq, attention_mask=full_mask, position_ids=pos_full, logits_to_keep=R + 1).logits
-
-    @torch.no_grad()
-    def value_forward():
-        return values_of(slice(None))
-
-    @torch.no_grad()
-    def reward_forward():
-        hidden = reward.transformer(input_ids=seq, attention_mask=full_mask, position_ids=pos_full).last_hidden_state
-        return reward.score(hidden[:, -1])
-
-    rows = slice(0, mb)
-
-    def policy_fb():
-        policy.zero_grad(set_to_none=True)
-        logits = policy(input_ids=seq[rows], attention_mask=full_mask[rows], position_ids=pos_full[rows], logits_to_keep=R + 1).logits
-        logprobs_from_logits(logits[:, :-1], responses[rows]).mean().backward()
-
-    def value_fb():
-        trunk.zero_grad(set_to_none=True)
-        head.zero_grad(set_to_none=True)
-        values_of(rows).square().mean().backward()
-
-    policy_fb()
-    value_fb()  # gradients exist, so the optimiser steps below do the full update
-
-    def opt_steps():
-        policy_opt.step()
-        value_opt.step()
-
-    passes = {
-        "generation": (generate, 1),
-        "ref_forward": (ref_forward, 1),
-        "value_forward": (value_forward, 1),
-        "reward_forward": (reward_forward, 1),
-        "policy_forward_backward": (policy_fb, E * M),
-        "value_forward_backward": (value_fb, E * M),
-        "optimizer_steps": (opt_steps, E * M),
-    }
-    times: dict[str, list[float]] = {name: [] for name in passes}
-    for round_ in range(2 + spec["floor_repeats"]):  # rounds over all passes, so drift hits them alike; 2 untimed
-        for name, (fn, _) in passes.items():
-            t0 = time.perf_counter()
-            fn()
-            if round_ >= 2:
-                times[name].append(time.perf_counter() - t0)
-    parts = {name: count * statistics.median(times[name]) for name, (_, count) in passes.items()}
-    return {"seconds_per_update": sum(parts.values()), "parts": parts}
-
-
-CHILDREN = {"klbelt": _child_klbelt, "trl": _child_trl, "floor": _child_floor}
-
-
-def child_main(spec_json: str) -> int:
-    import torch
-
-    spec = json.loads(spec_json)
-    torch.set_num_threads(spec["threads"])
-    result = CHILDREN[spec["side"]](spec)
-    sys.stdout.flush()
-    print(RESULT_MARK + json.dumps(result), flush=True)
-    return 0
+CHILDREN = {"klbelt": "klbelt.bench.trainer:klbelt_gpt2", "trl": "klbelt.bench.baselines.trl:ppo_gpt2",
+            "floor": "klbelt.bench.floor:gpt2_floor"}
 
 
 def _measure(spec: dict) -> dict:
-    env = dict(os.environ, OMP_NUM_THREADS=str(spec["threads"]), MKL_NUM_THREADS=str(spec["threads"]),
-               TOKENIZERS_PARALLELISM="false", TRANSFORMERS_VERBOSITY="error", HF_HUB_OFFLINE="1")
-    if spec.get("mode") == "memory":
-        from ._memory import CHILD_ENV
-
-        env.update(CHILD_ENV)  # freed blocks go back to the OS: resident size follows live memory
-    proc = subprocess.run(
-        [sys.executable, "-m", "klbelt.bench.trainer", "--child", json.dumps(spec)],
-        capture_output=True, text=True, env=env, check=False,
-    )
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith(RESULT_MARK)]
-    if proc.returncode != 0 or not lines:
-        raise RuntimeError(f"benchmark process ({spec['side']}) failed (exit {proc.returncode}):\n{proc.stderr[-4000:]}")
-    return json.loads(lines[-1][len(RESULT_MARK) :])
+    """One measurement of ``spec["side"]`` in a fresh process (memory mode: glibc returns freed blocks)."""
+    extra_env = CHILD_ENV if spec.get("mode") == "memory" else None  # resident size then follows live memory
+    return _timing.measure(dict(spec, child=CHILDREN[spec["side"]]), extra_env=extra_env)
 
 
 # --------------------------------------------------------------------------- the parent
 
 
 def run(args) -> int:
-    if args.child is not None:
-        return child_main(args.child)
+    if args.child is not None:  # one measurement: a spec naming its "child" function, or a "side" of this benchmark
+        spec = json.loads(args.child)
+        return _timing.child_main(json.dumps({"child": CHILDREN.get(spec.get("side"), ""), **spec}))
     if args.model is not None:
         from . import real_model
 
@@ -455,8 +181,9 @@ def run(args) -> int:
         memory = {side: _measure(dict(base, side=side, mode="memory", updates=min(args.updates, 2))) for side in sides}
         rows.append(_row(name, setting, args, results, memory))
     if args.json_out:
-        with open(args.json_out, "w") as fh:
-            fh.write(json.dumps(rows, indent=1) + "\n")
+        from klbelt._files import atomic_write
+
+        atomic_write(args.json_out, "w", lambda f: f.write(json.dumps(rows, indent=1) + "\n"))
     if args.json:
         print(json.dumps(rows, indent=1))
     else:
@@ -467,11 +194,7 @@ def run(args) -> int:
 def _row(name: str, setting: dict, args, results: dict, memory: dict) -> dict:
     tokens = setting["batch"] * setting["response_tokens"]
 
-    def seconds(side):  # median over every timed update of every run
-        pooled = [x for r in results[side] for x in r["intervals"]]
-        return statistics.median(pooled) if pooled else None
-
-    k_s, t_s = seconds("klbelt"), seconds("trl")
+    k_s, t_s = _timing.pooled_median(results["klbelt"]), _timing.pooled_median(results["trl"])
     parts = {p: statistics.median(r["parts"][p] for r in results["floor"]) for p in results["floor"][0]["parts"]}
     f_s = sum(parts.values())
     row = {

@@ -5,6 +5,8 @@ task's sampling settings); for each n, best-of-n from that pool is computed
 exactly (no resampling): the expected proxy and gold reward of the kept
 response, its KL to the pool (ties in the proxy included; biased low as n
 approaches the pool size) and the analytic bound log n - (n-1)/n.
+The prompts default to the training split: the prompts an RL run's logged
+kl_seq and gold_reward are measured on, so both sit on one axis.
 Writes OUT/bon.json and prints a table.
 """
 
@@ -34,7 +36,9 @@ def add_parser(sub) -> None:
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="tiny", help="tiny (default), smollm2, or a local Hugging Face causal-LM directory")
     p.add_argument("--n", type=_ns, default=DEFAULT_NS, help="comma-separated n (default: 1,2,4,...,256)")
-    p.add_argument("--prompts", type=int, default=16, help="held-out prompts (default: 16)")
+    p.add_argument("--prompts", type=int, default=16, help="prompts, the first of the split (default: 16)")
+    p.add_argument("--split", choices=("train", "eval"), default="train",
+                   help="prompt split (default: train, the prompts whose kl_seq and gold_reward RL runs log)")
     p.add_argument("--pool", type=int, default=None, help="samples per prompt (default: 2 x the largest n)")
     p.add_argument("--seed", type=int, default=0, help="sampling seed (default: 0)")
     p.add_argument("--out", default="runs/bon", help="output directory (default: runs/bon)")
@@ -59,8 +63,8 @@ def run(args) -> int:
     task = task_for(args.model)
     cfg = task.config
     model, tokenizer = load_model(cfg.model)
-    prompts = task.prompts(tokenizer, "eval", args.prompts)
-    print(f"klbelt bon: {cfg.model} ({task.name} task), {len(prompts)} prompts x {pool} samples of "
+    prompts = task.prompts(tokenizer, args.split, args.prompts)
+    print(f"klbelt bon: {cfg.model} ({task.name} task), {len(prompts)} {args.split} prompts x {pool} samples of "
           f"{cfg.max_new_tokens} tokens, n = {','.join(map(str, args.n))}", flush=True)
     t0 = time.perf_counter()
     _, proxy, gold = sample_pool(model, tokenizer, prompts, pool, task.proxy, task.gold, max_new_tokens=cfg.max_new_tokens,
@@ -71,6 +75,8 @@ def run(args) -> int:
         "model": cfg.model,
         "task": task.name,
         "prompts": len(prompts),
+        "split": args.split,
+        "temperature": cfg.temperature,
         "pool": pool,
         "max_new_tokens": cfg.max_new_tokens,
         "seed": args.seed,

@@ -11,8 +11,18 @@ matmul per block) instead of storing them, then
 
     dL/dh = G W,    dL/dW = G^T h,    dL/db = sum_rows G,
 
-with ``G = dL/dz`` of the block. At most ``chunk_size x V`` logits (plus the
-kernels' fp32 temporaries of the same size) exist at once, forward and backward.
+with ``G = dL/dz`` of the block. One ``[chunk_size, V]`` logits buffer is
+reused by every block; besides it only the block's gradient ``G`` (backward) and,
+for the KL, the reference's block exist (compiled kernels; the eager kernels add
+fp32 temporaries of block size).
+
+Cost: the forward is one matmul plus the row kernel, like matmul + kernel on
+materialised logits. The backward needs the block's logits again, so
+forward+backward is 4 matmuls where the materialised path does 3 (forward,
+``G W`` and ``G^T h``): when the matmuls dominate, the floor is ~4/3 of the
+unfused time. (Liger-Kernel avoids the recompute by computing the gradient in
+its forward, which needs the upstream gradient then: right for a scalar loss,
+not for per-token log-probs whose weights arrive in the backward.)
 """
 
 from __future__ import annotations
@@ -22,12 +32,30 @@ import torch
 from . import _checks, _kernels
 from .exact import DIRECTIONS
 
-FUSED_CHUNK_NUMEL = 1 << 22  # default block: ~4M logits (16 MB in fp32), whatever the vocabulary
+# Default rows per block. The block's logits (and, in the backward, its gradient
+# block; for the KL also the reference's block) are the only [rows, V] tensors,
+# so their number (BLOCK_BUFFERS) times the block stays under ~0.8 x 1/8 of the
+# [N, V] fp32 logits, no buffer exceeds BLOCK_MAX_BYTES whatever N, and no block
+# has fewer than BLOCK_MIN_ROWS rows (unless the cap says so). Larger
+# blocks would be faster (each block's matmul re-reads the whole weight: 27-row
+# blocks ran at ~60% of a 1024-row matmul's FLOP rate on a CPU, 256 rows at ~93%).
+BLOCK_FRACTION = 0.8 / 8
+BLOCK_BUFFERS = {"logprob": 2, "kl": 3}
+BLOCK_MAX_BYTES = 1 << 27
+BLOCK_MIN_ROWS = 64  # fewer rows run the matmul far below its rate; for small N the 1/8 gives way
 
 
-def _block_logits(h, w, b, blocked):
-    """``h @ w.T + b`` for one block of rows, in the input dtype; ``blocked`` columns set to -inf."""
-    z = torch.mm(h, w.t()) if b is None else torch.addmm(b, h, w.t())
+def _block_logits(h, w, b, blocked, buf):
+    """``h @ w.T + b`` for one block of rows, in the input dtype; ``blocked`` columns set to -inf.
+
+    Written into ``buf`` (``[rows, V]``, reused by every block: a fresh
+    allocation of that size per block costs its page faults again each time).
+    """
+    z = buf[: h.shape[0]]
+    if b is None:
+        torch.mm(h, w.t(), out=z)
+    else:
+        torch.addmm(b, h, w.t(), out=z)
     if blocked is not None:
         z.index_fill_(-1, blocked, float("-inf"))
     return z
@@ -38,6 +66,21 @@ def _entropy(z, c, log_s, inv_temp):
     logp = (_kernels._scaled(z, inv_temp) - c.unsqueeze(-1)) - log_s.unsqueeze(-1)
     p = torch.exp(logp)
     return -torch.where(p > 0, p * logp, 0.0).sum(dim=-1)
+
+
+def _block_forward(kind: str, rows, inv_temp: float, total_numel: int) -> list[torch.Tensor]:
+    """The row kernel's forward on one block; compiled when the *whole* problem is worth compiling.
+
+    (Deciding on the block's own size would run small blocks eagerly, with fp32
+    temporaries, although the compilation is paid once for all blocks.)
+    """
+    if not _kernels._want_compile(total_numel):
+        return _kernels.forward(kind, rows, inv_temp, None)  # eager, in ~4 MB sub-blocks
+    one_pass = rows[0].device.type == "cpu"
+    outs = list(_kernels.run(f"{kind}_fwd_one_pass" if one_pass else f"{kind}_fwd", total_numel, *rows, inv_temp))
+    if one_pass:
+        _kernels._redo_rows(kind, rows, inv_temp, outs)
+    return outs
 
 
 class _FusedHead(torch.autograd.Function):
@@ -56,24 +99,31 @@ class _FusedHead(torch.autograd.Function):
         acc = _kernels.acc_dtype(h.dtype)
         outs: list[torch.Tensor] = []
         entropy = torch.empty(n if with_entropy else 0, dtype=acc, device=h.device)
+        buf = h.new_empty(min(step, n), w.shape[0])
+        ref_buf = None if ref is None else ref[0].new_empty(min(step, n), w.shape[0])
         for s in range(0, n, step):
             e = min(s + step, n)
             with torch.no_grad():
-                z = _block_logits(h[s:e], w, b, blocked)
+                z = _block_logits(h[s:e], w, b, blocked, buf)
                 if kind == "logprob":
-                    res = _kernels.forward("logprob", (z, t[s:e]), inv_temp, None)
-                    if with_entropy:
-                        entropy[s:e] = _entropy(z, res[1], res[2], inv_temp)
+                    res = _block_forward("logprob", (z, t[s:e]), inv_temp, n * z.shape[-1])
+                    if with_entropy:  # eager: in sub-blocks, its fp32 temporaries stay ~4 MB
+                        sub = max(1, _kernels.EAGER_CHUNK_NUMEL // z.shape[-1])
+                        for a in range(0, e - s, sub):
+                            rows = slice(a, min(a + sub, e - s))
+                            entropy[s + rows.start : s + rows.stop] = _entropy(z[rows], res[1][rows], res[2][rows], inv_temp)
                 else:
                     rh, rw, rb = ref
-                    zr = _block_logits(rh[s:e], rw, rb, blocked)
+                    zr = _block_logits(rh[s:e], rw, rb, blocked, ref_buf)
                     pair = (z, zr) if policy_first else (zr, z)
-                    res = _kernels.forward("kl", pair, inv_temp, None)
+                    res = _block_forward("kl", pair, inv_temp, n * z.shape[-1])
+                    del zr, pair
                 del z
             if not outs:
                 outs = [torch.empty(n, dtype=r.dtype, device=h.device) for r in res]
             for out, r in zip(outs, res):
                 out[s:e] = r
+        del buf, ref_buf
         if not outs:  # no rows
             outs = _kernels.forward(kind, (h.new_empty(0, w.shape[0]),) * 2, inv_temp, None)
         ref_tensors = ref if ref is not None else (None, None, None)
@@ -91,23 +141,25 @@ class _FusedHead(torch.autograd.Function):
         grad_w = torch.zeros_like(w) if need_w else None
         grad_b = torch.zeros_like(b) if need_b else None
         g = g.to(outs[0].dtype)
+        buf = h.new_empty(min(ctx.step, n), w.shape[0])
+        ref_buf = None if rh is None else rh.new_empty(min(ctx.step, n), w.shape[0])
         for s in range(0, n, ctx.step):
             e = min(s + ctx.step, n)
-            z = _block_logits(h[s:e], w, b, blocked)
+            z = _block_logits(h[s:e], w, b, blocked, buf)
             rows = (r[s:e] for r in outs)
             if ctx.kind == "logprob":
                 out, c, log_s = rows
-                gz = _kernels.run("logprob_bwd", z.numel(), z, t[s:e], c, log_s, g[s:e], ctx.inv_temp)
+                gz = _kernels.run("logprob_bwd", n * z.shape[-1], z, t[s:e], c, log_s, g[s:e], ctx.inv_temp)
             else:
                 kl, c_a, log_s_a, c_b, log_s_b = rows
-                zr = _block_logits(rh[s:e], rw, rb, blocked)
+                zr = _block_logits(rh[s:e], rw, rb, blocked, ref_buf)
                 a, bb = (z, zr) if ctx.policy_first else (zr, z)
                 ga, gb = _kernels.run(
-                    "kl_bwd", z.numel(), a, bb, c_a, log_s_a, c_b, log_s_b, kl, g[s:e], ctx.inv_temp,
+                    "kl_bwd", n * z.shape[-1], a, bb, c_a, log_s_a, c_b, log_s_b, kl, g[s:e], ctx.inv_temp,
                     ctx.policy_first, not ctx.policy_first,
                 )
                 gz = ga if ctx.policy_first else gb
-                del zr
+                del zr, a, bb, ga, gb
             del z
             if blocked is not None:  # d z / d(h, w, b) is 0 where z was overwritten by -inf
                 gz.index_fill_(-1, blocked, 0.0)
@@ -118,6 +170,7 @@ class _FusedHead(torch.autograd.Function):
                 grad_w.addmm_(gz.t(), h[s:e])
             if need_b:
                 grad_b.add_(gz.sum(dim=0))
+            del gz  # before the next block's logits: at most two [rows, V] buffers live
         return None, grad_h, grad_w, grad_b, None, None, None, None, None, None, None
 
 
@@ -169,11 +222,14 @@ def _check_blocked(blocked, vocab: int, device) -> torch.Tensor | None:
     return blocked.to(device=device, dtype=torch.long)
 
 
-def _rows_per_block(n: int, vocab: int, chunk_size: int | None) -> int:
+def _rows_per_block(kind: str, n: int, vocab: int, dtype: torch.dtype, chunk_size: int | None) -> int:
+    """Rows per block: the caller's ``chunk_size``, else the policy described at ``BLOCK_FRACTION``."""
     if chunk_size is not None:
         return max(1, min(chunk_size, n))
-    # at least the compile threshold, so the block's row kernel runs compiled (one fused pass) under "auto"
-    return max(1, min(n, -(-max(FUSED_CHUNK_NUMEL, _kernels.COMPILE_MIN_NUMEL) // vocab)))
+    itemsize = torch.empty(0, dtype=dtype).element_size()
+    rows = int(BLOCK_FRACTION * n * 4 / (BLOCK_BUFFERS[kind] * itemsize))
+    rows = min(max(rows, BLOCK_MIN_ROWS), BLOCK_MAX_BYTES // (vocab * itemsize))
+    return max(1, min(n, rows))
 
 
 def logprobs_from_hidden(
@@ -202,7 +258,9 @@ def logprobs_from_hidden(
         tokens: ``[...]`` integer token ids in ``[0, V)``, ``hidden.shape[:-1]``.
         bias: optional ``[V]`` head bias.
         temperature: ``tau > 0``, the sampling temperature.
-        chunk_size: rows per block; ``None`` picks ~4M logits per block.
+        chunk_size: rows per block; ``None`` keeps the blocks' logits (forward
+            and backward) under ~1/10 of the ``[N, V]`` fp32 logits, at most
+            128 MB and (memory allowing) at least 64 rows per block.
         with_entropy: also return the entropy ``-sum_v pi_v log pi_v`` (nats,
             detached) of each position's distribution.
         blocked: optional 1-D token ids whose logits are set to ``-inf`` before
@@ -233,7 +291,7 @@ def logprobs_from_hidden(
     blocked = _check_blocked(blocked, vocab, hidden.device)
     h = hidden.reshape(-1, hidden.shape[-1])
     t = tokens.reshape(-1).long()
-    step = _rows_per_block(h.shape[0], vocab, chunk_size)
+    step = _rows_per_block("logprob", h.shape[0], vocab, h.dtype, chunk_size)
     out, entropy = _FusedHead.apply(
         "logprob", h, weight, bias, None, t, blocked, 1.0 / float(temperature), step, bool(with_entropy), True
     )
@@ -301,7 +359,7 @@ def kl_from_hidden(
         None if ref_bias is None else ref_bias.detach(),
     )
     t = torch.empty(0, dtype=torch.long, device=hidden.device)
-    step = _rows_per_block(h.shape[0], vocab, chunk_size)
+    step = _rows_per_block("kl", h.shape[0], vocab, h.dtype, chunk_size)
     out, _ = _FusedHead.apply(
         "kl", h, weight, bias, ref, t, blocked, 1.0 / float(temperature), step, False, direction == "reverse"
     )

@@ -5,6 +5,11 @@ so RL runs are placed by their ``kl_seq`` (nats per sequence), never by the
 per-token ``kl``. Gao et al. 2022's forms are fitted to the gold reward gained
 since KL = 0, with d = sqrt(KL): best-of-n R = d (alpha - beta d), RL
 R = d (alpha - beta log d) (:func:`klbelt.bon.fit_gold_vs_kl`).
+
+RL runs enter per step, not per run: each logged step's (kl_seq, gold_reward),
+as trailing 5-step means (:func:`rl_curve`), drawn as one line per run; the
+RL fit pools those smoothed steps of every run given, each gain measured from
+its own run's first step. Best-of-n enters per n (one point per bon.json row).
 """
 
 from __future__ import annotations
@@ -101,14 +106,18 @@ def plot_frontier(ax, bon: dict, runs: list[dict], fits: dict) -> None:
     f = fits["bon"]
     ax.plot(grid, (fitted_gain(f, grid) + base).tolist(), "--", color="black", lw=1,
             label=f"fit d(a - b d): a={f['alpha']:.3f}, b={f['beta']:.3f}")
-    colors = ["#0969da", "#cf222e", "#1a7f37", "#9a6700", "#8250df", "#bc4c00"]
-    for i, run in enumerate(runs):
-        ax.plot(run["kl_seq"], run["gold_reward"], "-", color=colors[i % len(colors)], lw=1.2, label=run["label"])
+    colors = ["#0969da", "#cf222e", "#1a7f37", "#9a6700", "#bc4c00", "#1b7c83"]
+    color_of: dict[str, str] = {}  # one colour per label: seeds of one beta share it, and one legend entry
+    for run in runs:
+        first = run["label"] not in color_of
+        color = color_of.setdefault(run["label"], colors[len(color_of) % len(colors)])
+        ax.plot(run["kl_seq"], run["gold_reward"], "-", color=color, lw=1.2 if first else 0.9,
+                alpha=1.0 if first else 0.6, label=run["label"] if first else None)
     if fits.get("rl"):
         f = fits["rl"]
         gold0 = sum(run["gold0"] for run in runs) / len(runs)
         grid = [max(k for run in runs for k in run["kl_seq"]) * (i + 1) / 200 for i in range(200)]
-        ax.plot(grid, (fitted_gain(f, grid) + gold0).tolist(), "--", color="#0969da", lw=1,
+        ax.plot(grid, (fitted_gain(f, grid) + gold0).tolist(), "--", color="#8250df", lw=1.2,
                 label=f"RL fit d(a - b log d): a={f['alpha']:.3f}, b={f['beta']:.3f}")
     if max(kl + [k for run in runs for k in run["kl_seq"]]) > 20:  # a hacked run's KL dwarfs best-of-n's log n
         ax.set_xscale("symlog", linthresh=1.0)

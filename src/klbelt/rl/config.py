@@ -36,7 +36,8 @@ class TrainConfig:
     top_p: float = 1.0  # 1.0 = off
     stop_on_eos: bool = True  # end a response at EOS (masked after it)
     block_eos: bool = False  # never sample EOS: every response is full length
-    sampler: str = "policy"  # who draws rollouts: "policy" (the trained model, as trained) or "bf16" (same weights, bf16 autocast + KV cache: a real sampler/trainer mismatch)
+    sampler: str = "policy"  # who draws rollouts: "policy" (the trained model, as trained), "bf16" (same weights, bf16 autocast + KV cache: a real sampler/trainer mismatch) or "vllm" (vLLM's CPU build, bf16, in its own venv)
+    vllm_python: str | None = None  # sampler "vllm": the python of the venv with vLLM (scripts/setup_vllm.sh; null: $KLBELT_VLLM_PYTHON)
     rollout_correction: str = "off"  # sampler != policy: "off", "tis" (token min(pi/mu, is_cap)), "mis" (sequence masked IS), "band" (token weight 0 outside is_band)
     is_cap: float = 2.0  # the issue's `cap`: truncation cap (tis) / upper edge (mis) of the importance weight pi/mu, > 1
     is_band: list[float] | None = None  # the issue's `band`: [lo, hi] with 0 <= lo < 1 < hi for "band"/"mis" (null: [0.5, 2.0] for "band")
@@ -83,7 +84,7 @@ class TrainConfig:
             "kl_unit": ("token-mean", "seq-sum"),
             "advantage": ("gae", "group"),
             "clamp_gradient": ("zero", "pass"),
-            "sampler": ("policy", "bf16"),
+            "sampler": ("policy", "bf16", "vllm"),
             "rollout_correction": ("off", "tis", "mis", "band"),
         }
         if self.report_to is not None:
@@ -125,6 +126,11 @@ class TrainConfig:
 
         check_cap(self.is_cap, "config is_cap")
         check_band(self.is_band, "config is_band")
+        if self.vllm_python is not None and not (isinstance(self.vllm_python, str) and self.vllm_python):
+            raise ValueError(f"config vllm_python must be null ($KLBELT_VLLM_PYTHON) or the path of a python, got {self.vllm_python!r}")
+        if self.sampler == "vllm" and (self.top_k or self.top_p < 1.0):
+            raise ValueError(f"config sampler 'vllm' needs top_k 0 and top_p 1.0, got top_k={self.top_k!r}, top_p={self.top_p!r} "
+                             "(vLLM reports log-probs of the top-k/top-p-filtered distribution, the trainer's are of the full one)")
         if not isinstance(self.fused_head, bool):
             raise ValueError(f"config fused_head must be true or false, got {self.fused_head!r}")
         if not isinstance(self.bf16, bool):

@@ -15,11 +15,12 @@ from typing import Callable
 
 import torch
 
-from ..kl.mismatch import DEFAULT_BAND, importance_weights, mismatch_stats
+from ..kl.mismatch import DEFAULT_BAND, importance_weights
+from .distributed import World
 from .lora import autocast
 from .rollout import Rollout, response_logprobs, sample
 
-SAMPLERS = ("policy", "bf16")
+SAMPLERS = ("policy", "bf16", "vllm")
 CORRECTIONS = ("off", "tis", "mis", "band")
 
 
@@ -31,12 +32,20 @@ def bf16_sample(policy, *args, **kwargs) -> Rollout:
         return sample(policy, *args, **kwargs)
 
 
-def make_sampler(name: str) -> Callable[..., Rollout]:
-    """The sampling function of ``TrainConfig.sampler``; same signature as :func:`~klbelt.rl.rollout.sample`."""
+def make_sampler(name: str, *, vllm_python: str | None = None) -> Callable[..., Rollout]:
+    """The sampling function of ``TrainConfig.sampler``; same signature as :func:`~klbelt.rl.rollout.sample`.
+
+    ``"vllm"``: a :class:`~klbelt.rl.vllm_sampler.VLLMSampler` whose worker runs
+    in the vLLM environment's python (``vllm_python``, else ``$KLBELT_VLLM_PYTHON``).
+    """
     if name == "policy":
         return sample
     if name == "bf16":
         return bf16_sample
+    if name == "vllm":
+        from .vllm_sampler import VLLMSampler
+
+        return VLLMSampler(vllm_python)
     raise ValueError(f"config sampler must be one of {', '.join(map(repr, SAMPLERS))}; got {name!r}")
 
 
@@ -55,6 +64,7 @@ class RolloutCorrection:
     correction: str = "off"
     cap: float = 2.0
     band: tuple[float, float] | None = None
+    world: World | None = None  # whose tokens the metrics cover; None: the default process group (World.current())
 
     @property
     def active(self) -> bool:
@@ -76,25 +86,65 @@ class RolloutCorrection:
 
         Inactive: the sampler's log-probs, no weights, no metrics. Active: pi's
         log-probs from a no-grad forward (with the trained passes' precision),
-        the weights of ``correction`` and the mismatch metrics (nats/token
-        for ``mismatch_kl`` and ``mismatch_k3``, KL(mu || pi)).
+        the weights of ``correction`` and the mismatch metrics of the global
+        batch (:func:`mismatch_metrics`: nats/token for ``mismatch_kl`` and
+        ``mismatch_k3``, KL(mu || pi), reduced over the data-parallel ranks).
         """
         if not self.active:
             return roll.logprobs, None, {}
         mask = roll.response_mask
         with torch.no_grad(), autocast(mask.device, bf16):
             trainer_logprobs = response_logprobs(policy, roll, temperature).float()
-        stats = mismatch_stats(trainer_logprobs, roll.logprobs, mask)
         weights, clipped = self.weights(trainer_logprobs, roll.logprobs, mask)
-        shown = weights if weights is not None else importance_weights(trainer_logprobs, roll.logprobs, mask, cap=1e30)[0]
-        valid = shown[mask > 0]
-        metrics = {
-            "mismatch_kl": float(stats["k1"]),
-            "mismatch_k3": float(stats["k3"]),
-            "mismatch_max_logratio": float(stats["max_abs_log_ratio"]),
-            "is_weight_mean": float(valid.mean()) if valid.numel() else 1.0,
-            "is_weight_min": float(valid.min()) if valid.numel() else 1.0,
-            "is_weight_max": float(valid.max()) if valid.numel() else 1.0,
-            "is_clipped_frac": float(clipped) if clipped is not None else 0.0,
-        }
+        metrics = mismatch_metrics(trainer_logprobs, roll.logprobs, mask, weights, clipped,
+                                   self.world if self.world is not None else World.current())
         return trainer_logprobs, weights, metrics
+
+
+def mismatch_metrics(trainer_logprobs: torch.Tensor, sampler_logprobs: torch.Tensor, mask: torch.Tensor,
+                     weights: torch.Tensor | None, clipped_frac: torch.Tensor | None, world: World) -> dict[str, float]:
+    r"""The trainer's per-update mismatch metrics over the *global* batch (every rank's valid tokens).
+
+    With :math:`\delta_t = \log\pi(y_t) - \log\mu(y_t)` at the N valid tokens of all ranks:
+    ``mismatch_kl`` = :math:`\frac1N\sum -\delta_t` and ``mismatch_k3`` =
+    :math:`\frac1N\sum (e^{\delta_t} - 1 - \delta_t)` (KL(mu || pi), nats/token, as
+    :func:`klbelt.mismatch_stats`'s ``k1``/``k3``), ``mismatch_max_logratio`` =
+    :math:`\max|\delta_t|` (nats), ``is_weight_mean/min/max`` over the valid tokens of the
+    applied weights (the raw pi/mu when no correction), ``is_clipped_frac`` = truncated or
+    zeroed tokens / N. Sums and counts are all-reduced, maxima and minima reduced with
+    MAX/MIN, so N processes report what one process reports on the same global batch.
+    ``[B, R]`` inputs are this rank's rows; ``weights``/``clipped_frac`` as
+    :meth:`RolloutCorrection.weights` returns them (``None`` without a correction).
+    """
+    if weights is None:  # no correction: show the raw pi/mu (and check the inputs as importance_weights does)
+        weights = importance_weights(trainer_logprobs, sampler_logprobs, mask, cap=1e30)[0]
+    m = mask > 0
+    delta = (trainer_logprobs.detach().double() - sampler_logprobs.detach().double())[m]
+    shown = weights.detach().double()[m]
+    n = float(m.sum())
+    clipped = float(clipped_frac) * n if clipped_frac is not None else 0.0
+    sums = torch.tensor([float((-delta).sum()), float((torch.expm1(delta) - delta).sum()), float(shown.sum()), clipped, n],
+                        dtype=torch.float64, device=mask.device)
+    inf = float("inf")
+    # max|delta|, max w and -min w in one MAX reduction; -inf where this rank has no valid token
+    peaks = torch.tensor([float(delta.abs().max()) if n else -inf, float(shown.max()) if n else -inf,
+                          float(-shown.min()) if n else -inf], dtype=torch.float64, device=mask.device)
+    if world.size > 1:
+        import torch.distributed as dist
+
+        sums = world.all_sum(sums)
+        dist.all_reduce(peaks, op=dist.ReduceOp.MAX, group=world.group)
+    kl_sum, k3_sum, w_sum, clipped_sum, total = sums.tolist()
+    max_delta, w_max, neg_w_min = peaks.tolist()
+    if total == 0:  # no valid token anywhere: no mismatch to report
+        return {"mismatch_kl": 0.0, "mismatch_k3": 0.0, "mismatch_max_logratio": 0.0, "is_weight_mean": 1.0,
+                "is_weight_min": 1.0, "is_weight_max": 1.0, "is_clipped_frac": 0.0}
+    return {
+        "mismatch_kl": kl_sum / total,
+        "mismatch_k3": k3_sum / total,
+        "mismatch_max_logratio": max_delta,
+        "is_weight_mean": w_sum / total,
+        "is_weight_min": -neg_w_min,
+        "is_weight_max": w_max,
+        "is_clipped_frac": clipped_sum / total,
+    }

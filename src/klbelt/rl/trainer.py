@@ -103,7 +103,7 @@ def train(
     critic = ValueModel.from_policy(policy).to(device).eval() if cfg.advantage == "gae" else None
     use_bf16 = resolve_bf16(cfg.bf16, device)  # autocast for the differentiated passes only
     set_fused_head(cfg.fused_head)  # log-probs from hidden states in row blocks (klbelt.kl.fused), or full logits
-    draw = make_sampler(cfg.sampler)  # the sampler mu that draws the rollouts
+    draw = make_sampler(cfg.sampler, vllm_python=cfg.vllm_python)  # the sampler mu that draws the rollouts
     correction = RolloutCorrection(cfg.sampler, cfg.rollout_correction, cfg.is_cap, tuple(cfg.is_band) if cfg.is_band else None)
     placement = kl_placement(cfg)  # -beta * k1 in the reward, or beta * k2/k3 in the loss
     advantages_of = Advantages.from_config(cfg, world.group)  # GAE with the critic, or the group baseline
@@ -151,6 +151,7 @@ def train(
                 on_step(record)
     finally:
         monitor.close()  # a crashed run still ends its W&B / MLflow run and flushes its sinks
+        getattr(draw, "close", lambda: None)()  # a vLLM sampler's worker process stops now
 
     # drop the DDP wrappers (and their reducers) now, not at some later collection after the
     # caller has destroyed the process group
