@@ -39,6 +39,7 @@ from pathlib import Path
 from transformers import TrainerCallback
 
 from .._files import atomic_write
+from ._checks import check_controller
 from .hf import KLMonitorCallback
 
 __all__ = ["KLControllerCallback", "KLMonitorCallback", "attach", "STATE_FILE", "LOGGED_KL_UNIT"]
@@ -50,15 +51,9 @@ LOGGED_KL_UNIT = "token-mean"
 
 
 def _check_controller(controller) -> None:
-    for attr in ("kl_coef", "update", "state_dict", "load_state_dict"):
-        if not hasattr(controller, attr):
-            raise TypeError(f"controller must be a klbelt KL controller (kl_coef, update, state_dict, "
-                            f"load_state_dict), got {type(controller).__name__} without {attr!r}")
-    unit = getattr(controller, "unit", None)
-    if unit != LOGGED_KL_UNIT:
-        raise ValueError(f"controller.unit is {unit!r} but TRL's GRPOTrainer logs kl in {LOGGED_KL_UNIT!r} "
-                         f"(mean of k3 over completion tokens, nats/token); build the controller with "
-                         f"unit={LOGGED_KL_UNIT!r} and a per-token target_kl")
+    check_controller(controller, LOGGED_KL_UNIT,
+                     f"TRL's GRPOTrainer logs kl in {LOGGED_KL_UNIT!r} (mean of k3 over completion tokens, "
+                     "nats/token), so give it a per-token target_kl")
 
 
 def _check_trainer(trainer) -> None:

@@ -26,6 +26,7 @@ This module imports nothing from verl: it works where verl is not installed.
 from __future__ import annotations
 
 from ..kl.estimators import ESTIMATOR_ALIASES, ESTIMATORS
+from ._checks import check_controller
 
 __all__ = ["VerlKLController", "KL_PENALTY_NAMES", "VERL_KL_UNIT"]
 
@@ -52,15 +53,9 @@ class VerlKLController:
     """
 
     def __init__(self, controller):
-        for attr in ("kl_coef", "update", "state_dict", "load_state_dict"):
-            if not hasattr(controller, attr):
-                raise TypeError(f"controller must be a klbelt KL controller, got {type(controller).__name__} "
-                                f"without {attr!r}")
-        unit = getattr(controller, "unit", None)
-        if unit != VERL_KL_UNIT:
-            raise ValueError(f"controller.unit is {unit!r} but verl's apply_kl_penalty feeds current_kl in "
-                             f"{VERL_KL_UNIT!r} (mean over sequences of each sequence's token-mean KL, "
-                             f"nats/token); build the controller with unit={VERL_KL_UNIT!r}")
+        check_controller(controller, VERL_KL_UNIT,
+                         f"verl's apply_kl_penalty feeds current_kl in {VERL_KL_UNIT!r} (mean over sequences of "
+                         "each sequence's token-mean KL, nats/token)")
         self.controller = controller
 
     @property
