@@ -11,8 +11,9 @@ pass is timed in rounds over all passes (so drift hits them alike), median per p
   batched trainer it passes attention masks and position ids, and computes logits and
   values at the response positions only.
 * :func:`english_floor` (``--model``, the English demo's critic-free update): generation (a
-  KV-cached loop, fp32), one reference forward (adapters off, fp32), one policy
-  forward+backward (bf16 autocast where klbelt uses it) and one AdamW step on the adapters.
+  KV-cached loop on the sampler the demo uses, with its weight sync), one reference forward
+  (adapters off, in the numerics the trainer scores it with), one policy forward+backward
+  (bf16 autocast where klbelt uses it) and one AdamW step on the adapters.
 """
 
 from __future__ import annotations
@@ -136,11 +137,20 @@ def gpt2_floor(spec: dict) -> dict:
 
 
 def english_floor(spec: dict) -> dict:
-    """Seconds of each unavoidable pass of the English demo's update (medians), their sum and the peak RSS."""
+    """Seconds of each unavoidable pass of the English demo's update (medians), their sum and the peak RSS.
+
+    The passes run with the demo's own choices, each timed alone: sampling from the
+    sampler the config names (``"bf16-merged"``: the bf16 copy's weight sync plus a
+    KV-cached loop on it; otherwise a KV-cached loop on the LoRA policy, fp32), the
+    reference forward (adapters off; under bf16 autocast when the trainer scores the
+    reference so, i.e. bf16 with a sampler other than the policy), one policy
+    forward+backward (bf16 autocast where klbelt uses it) and one AdamW step.
+    """
     import torch
 
     from klbelt.kl import logprobs_from_logits
     from klbelt.rl.lora import adapters_disabled, apply_lora, autocast
+    from klbelt.rl.merged_sampler import MergedCopySampler
     from klbelt.rl.rollout import position_ids
 
     model, tok, prompts, cfg = english_work(spec)
@@ -150,7 +160,17 @@ def english_floor(spec: dict) -> dict:
     enc = tok(batch, return_tensors="pt", padding=True)
     ids, mask = enc["input_ids"], enc["attention_mask"]
     B, P, R = ids.shape[0], ids.shape[1], cfg.max_new_tokens
-    generate = _sampler(policy, policy.get_base_model(), ids, mask, R, torch.Generator().manual_seed(0), position_ids)
+    if cfg.sampler == "bf16-merged":
+        copy = MergedCopySampler(torch.bfloat16)
+        copy.refresh(policy)
+        loop = _sampler(copy.copy, copy.copy, ids, mask, R, torch.Generator().manual_seed(0), position_ids)
+
+        def generate():
+            copy.refresh(policy)
+            return loop()
+    else:
+        generate = _sampler(policy, policy.get_base_model(), ids, mask, R, torch.Generator().manual_seed(0), position_ids)
+    ref_bf16 = cfg.bf16 and cfg.sampler != "policy"
 
     seq = generate()
     full = torch.cat([mask, mask.new_ones(B, R)], 1)
@@ -159,7 +179,7 @@ def english_floor(spec: dict) -> dict:
 
     @torch.no_grad()
     def ref_forward():
-        with adapters_disabled(policy) as ref:
+        with adapters_disabled(policy) as ref, autocast("cpu", ref_bf16):
             return ref(input_ids=seq, attention_mask=full, position_ids=pos_full, logits_to_keep=R + 1).logits
 
     def policy_fb():

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import statistics
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable
@@ -64,6 +65,12 @@ ENGLISH_DEMO_CONFIG = replace(
     max_new_tokens=24,
     lora_rank=16,
     bf16=True,
+    # Rollouts from a bf16 copy of the weights with the adapters merged in (synced before each
+    # rollout), the trainer's log-probs from PPO's single forward, and full logits (at 16 x 24
+    # rows the [N, V] logits are 75 MB): measured by `klbelt bench trainer --model smollm2`,
+    # README "Speed"; the copy's mismatch with the trained policy is in every step's metrics.
+    sampler="bf16-merged",
+    fused_head=False,
     lr=7e-4,  # measured: at 2e-3 Adam's noise-driven steps carried the KL to 0.2-0.3 nats/token with beta near 1.7
     kl_coef=0.1,
     controller="pid",
@@ -162,7 +169,11 @@ def summarise(history: list[dict], window: int | None = None) -> dict:
     end = {k: window_mean(history, k, n - window, n) for k in keys}
     gold_curve = [window_mean(history, "gold_reward", i, i + window) for i in range(0, max(1, n - window + 1))]
     best = max((g for g in gold_curve if not math.isnan(g)), default=float("nan"))
-    return {"steps": n, "window": window, "start": start, "end": end, "best_gold_reward": best}
+    # one update's gold noise: the spread of step-to-step changes (a trend barely moves it), / sqrt 2
+    golds = [float(h["gold_reward"]) for h in history if h.get("gold_reward") is not None]
+    steps = [b - a for a, b in zip(golds, golds[1:])]
+    noise = statistics.pstdev(steps) / math.sqrt(2) if len(steps) >= 2 else 0.0
+    return {"steps": n, "window": window, "start": start, "end": end, "best_gold_reward": best, "gold_step_noise": noise}
 
 
 def verdict(summary: dict) -> str:
@@ -170,9 +181,12 @@ def verdict(summary: dict) -> str:
     s, e = summary["start"], summary["end"]
     d_reward = e["reward"] - s["reward"]
     gold_drop = summary["best_gold_reward"] - e["gold_reward"]
+    # The best of many noisy window means sits above the end by chance: a drop counts only past
+    # 0.1 and past twice the noise of a difference of two window means.
+    margin = max(0.1, 2 * math.sqrt(2 / summary["window"]) * summary.get("gold_step_noise", 0.0))
     if e["kl"] < 0.01 and abs(d_reward) < 0.1:
         return "stuck near the reference: KL < 0.01 nats/token and the reward barely moved"
-    if d_reward > 0.1 and (e["gold_reward"] < s["gold_reward"] or gold_drop > 0.1):
+    if d_reward > 0.1 and (e["gold_reward"] < s["gold_reward"] or gold_drop > margin):
         return "reward hacking: the proxy rose while the gold reward fell"
     if d_reward > 0.1:
         return "improving: proxy and gold reward rose with bounded KL"

@@ -36,7 +36,7 @@ class TrainConfig:
     top_p: float = 1.0  # 1.0 = off
     stop_on_eos: bool = True  # end a response at EOS (masked after it)
     block_eos: bool = False  # never sample EOS: every response is full length
-    sampler: str = "policy"  # who draws rollouts: "policy" (the trained model, as trained), "bf16" (same weights, bf16 autocast + KV cache: a real sampler/trainer mismatch) or "vllm" (vLLM's CPU build, bf16, in its own venv)
+    sampler: str = "policy"  # who draws rollouts: "policy" (the trained model, as trained), "bf16" (same weights, bf16 autocast + KV cache: a real sampler/trainer mismatch), "bf16-merged" (a bf16 copy of the weights, LoRA merged in, synced before each rollout: an inference engine's weights, in process) or "vllm" (vLLM's CPU build, bf16, in its own venv)
     vllm_python: str | None = None  # sampler "vllm": the python of the venv with vLLM (scripts/setup_vllm.sh; null: $KLBELT_VLLM_PYTHON)
     rollout_correction: str = "off"  # sampler != policy: "off", "tis" (token min(pi/mu, is_cap)), "mis" (sequence masked IS), "band" (token weight 0 outside is_band)
     is_cap: float = 2.0  # the issue's `cap`: truncation cap (tis) / upper edge (mis) of the importance weight pi/mu, > 1
@@ -84,7 +84,7 @@ class TrainConfig:
             "kl_unit": ("token-mean", "seq-sum"),
             "advantage": ("gae", "group"),
             "clamp_gradient": ("zero", "pass"),
-            "sampler": ("policy", "bf16", "vllm"),
+            "sampler": ("policy", "bf16", "bf16-merged", "vllm"),
             "rollout_correction": ("off", "tis", "mis", "band"),
         }
         if self.report_to is not None:

@@ -54,7 +54,9 @@ def apply_lora(policy: nn.Module, rank: int, alpha: float | None = None, targets
             f"is a linear layer in {type(policy).__name__}; its linear layers are named: {', '.join(found) or 'none'}"
         )
     config = LoraConfig(r=rank, lora_alpha=alpha if alpha is not None else 2 * rank, target_modules=wanted, lora_dropout=0.0, bias="none")
-    return get_peft_model(policy, config)
+    with warnings.catch_warnings():  # peft 0.21 reads transformers' deprecated is_gradient_checkpointing: not ours to fix
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        return get_peft_model(policy, config)
 
 
 def is_lora(model) -> bool:

@@ -147,7 +147,8 @@ def sample(
     # the whole attention mask up front; step t attends to its first P + t columns (no cat per step)
     attention = torch.cat([prompt_mask.long(), prompt_mask.new_ones(B, max_new_tokens, dtype=torch.long)], dim=1)
     prompt_attention = attention[:, :P]
-    keep_last = {"logits_to_keep": 1} if _supports_logits_to_keep(policy) else {}  # the prompt pass needs one row of logits
+    # the prompt pass needs one row of logits
+    keep_last = {"logits_to_keep": last_positions(1, P, device)} if _supports_logits_to_keep(policy) else {}
     out = policy(input_ids=prompt_ids, attention_mask=prompt_attention, position_ids=position_ids(prompt_attention), use_cache=True, **keep_last)
     logits = out.logits[:, -1].float()
     cache = _returned_cache(out)
@@ -213,10 +214,23 @@ def _supports_logits_to_keep(model) -> bool:
     return "logits_to_keep" in _params(model)
 
 
+def last_positions(n: int, length: int, device) -> torch.Tensor:
+    """``logits_to_keep`` for the last ``n`` of ``length`` positions, as an index tensor.
+
+    Hugging Face slices the hidden states with an int (``[:, -n:]``, a non-contiguous
+    view) but gathers them with a tensor (a contiguous copy). On CPU a bf16 linear
+    layer on the non-contiguous view takes the batched-matmul path and copies the LM
+    head once per sequence: measured here, SmolLM2's head on 16 x 25 positions took
+    0.97 s and 900 MB that way against 0.07 s and 38 MB on contiguous rows.
+    """
+    return torch.arange(length - n, length, device=device)
+
+
 def response_logits(model, rollout: Rollout) -> torch.Tensor:
     """Logits ``[B, R, V]`` that predict each response token (the lm head runs on R positions only)."""
     R = rollout.sequences.shape[1] - rollout.prompt_len
-    kwargs = {"logits_to_keep": R + 1} if _supports_logits_to_keep(model) else {}
+    L = rollout.sequences.shape[1]
+    kwargs = {"logits_to_keep": last_positions(R + 1, L, rollout.sequences.device)} if _supports_logits_to_keep(model) else {}
     out = model(
         input_ids=rollout.sequences,
         attention_mask=rollout.attention_mask,
@@ -328,7 +342,8 @@ def _fused_response_logprobs(model, head, rollout: Rollout, temperature: float, 
             input_ids=rollout.sequences,
             attention_mask=rollout.attention_mask,
             position_ids=position_ids(rollout.attention_mask),
-            logits_to_keep=1,  # the head runs on one position; the response is scored below
+            # the head runs on one position; the response is scored below
+            logits_to_keep=last_positions(1, rollout.sequences.shape[1], rollout.sequences.device),
         )
     finally:
         hook.remove()

@@ -20,7 +20,7 @@ from .distributed import World
 from .lora import autocast
 from .rollout import Rollout, response_logprobs, sample
 
-SAMPLERS = ("policy", "bf16", "vllm")
+SAMPLERS = ("policy", "bf16", "bf16-merged", "vllm")
 CORRECTIONS = ("off", "tis", "mis", "band")
 
 
@@ -35,6 +35,8 @@ def bf16_sample(policy, *args, **kwargs) -> Rollout:
 def make_sampler(name: str, *, vllm_python: str | None = None) -> Callable[..., Rollout]:
     """The sampling function of ``TrainConfig.sampler``; same signature as :func:`~klbelt.rl.rollout.sample`.
 
+    ``"bf16-merged"``: a :class:`~klbelt.rl.merged_sampler.MergedCopySampler`, a bf16 copy of
+    the policy (LoRA merged in) rewritten from it before each rollout.
     ``"vllm"``: a :class:`~klbelt.rl.vllm_sampler.VLLMSampler` whose worker runs
     in the vLLM environment's python (``vllm_python``, else ``$KLBELT_VLLM_PYTHON``).
     """
@@ -42,6 +44,10 @@ def make_sampler(name: str, *, vllm_python: str | None = None) -> Callable[..., 
         return sample
     if name == "bf16":
         return bf16_sample
+    if name == "bf16-merged":
+        from .merged_sampler import MergedCopySampler
+
+        return MergedCopySampler(torch.bfloat16)
     if name == "vllm":
         from .vllm_sampler import VLLMSampler
 
@@ -81,20 +87,24 @@ class RolloutCorrection:
             return importance_weights(trainer_logprobs, sampler_logprobs, mask, level="token", mode="mask", cap=max(self.cap, band[1]), band=band)
         return None, None
 
-    def __call__(self, policy, roll: Rollout, temperature: float, bf16: bool = False):
+    def __call__(self, policy, roll: Rollout, temperature: float, bf16: bool = False, trainer_logprobs=None):
         """``(old_logprobs [B, R], weights [B, R] or None, metrics dict)`` of one rollout.
 
         Inactive: the sampler's log-probs, no weights, no metrics. Active: pi's
-        log-probs from a no-grad forward (with the trained passes' precision),
-        the weights of ``correction`` and the mismatch metrics of the global
-        batch (:func:`mismatch_metrics`: nats/token for ``mismatch_kl`` and
-        ``mismatch_k3``, KL(mu || pi), reduced over the data-parallel ranks).
+        log-probs (``trainer_logprobs`` when the caller already has them from a
+        forward with the current weights, else a no-grad forward with the trained
+        passes' precision), the weights of ``correction`` and the mismatch
+        metrics of the global batch (:func:`mismatch_metrics`: nats/token for
+        ``mismatch_kl`` and ``mismatch_k3``, KL(mu || pi), reduced over the
+        data-parallel ranks).
         """
         if not self.active:
             return roll.logprobs, None, {}
         mask = roll.response_mask
-        with torch.no_grad(), autocast(mask.device, bf16):
-            trainer_logprobs = response_logprobs(policy, roll, temperature).float()
+        if trainer_logprobs is None:
+            with torch.no_grad(), autocast(mask.device, bf16):
+                trainer_logprobs = response_logprobs(policy, roll, temperature)
+        trainer_logprobs = trainer_logprobs.detach().float()
         weights, clipped = self.weights(trainer_logprobs, roll.logprobs, mask)
         metrics = mismatch_metrics(trainer_logprobs, roll.logprobs, mask, weights, clipped,
                                    self.world if self.world is not None else World.current())

@@ -102,7 +102,7 @@ def train(
     policy, reference = policy_and_reference(cfg, policy, ref_policy, device)  # LoRA: reference = adapters off
     critic = ValueModel.from_policy(policy).to(device).eval() if cfg.advantage == "gae" else None
     use_bf16 = resolve_bf16(cfg.bf16, device)  # autocast for the differentiated passes only
-    set_fused_head(cfg.fused_head)  # log-probs from hidden states in row blocks (klbelt.kl.fused), or full logits
+    fused_before = set_fused_head(cfg.fused_head)  # log-probs from hidden states in row blocks (klbelt.kl.fused), or full logits; restored at the end
     draw = make_sampler(cfg.sampler, vllm_python=cfg.vllm_python)  # the sampler mu that draws the rollouts
     correction = RolloutCorrection(cfg.sampler, cfg.rollout_correction, cfg.is_cap, tuple(cfg.is_band) if cfg.is_band else None)
     placement = kl_placement(cfg)  # -beta * k1 in the reward, or beta * k2/k3 in the loss
@@ -128,7 +128,7 @@ def train(
             # 1. Rollouts: the update's prompts, responses drawn by the sampler.
             batch = sample_batch(step, prompts, tokenizer, cfg, draw, policy, state.sample_gen, rows)
             # 2. Score: proxy reward r, reference and policy log-probs of the sampled tokens, values.
-            scores = score_batch(batch, reward_fn, reference, correction, policy, critic, cfg, use_bf16)
+            scores = score_batch(batch, reward_fn, reference, correction, policy, critic, cfg, use_bf16, train_policy)
             # 3. The article's reward: r - beta * KL per token (beta 0 here when the KL is in the loss); advantages.
             shaped, kl = shape_rewards_with_kl(scores, batch.mask, placement.reward_coef(kl_coef), cfg)
             advantages, returns = advantages_of(shaped.rewards, scores.old_values, batch.mask, scores.is_weights)
@@ -151,7 +151,8 @@ def train(
                 on_step(record)
     finally:
         monitor.close()  # a crashed run still ends its W&B / MLflow run and flushes its sinks
-        getattr(draw, "close", lambda: None)()  # a vLLM sampler's worker process stops now
+        getattr(draw, "close", lambda: None)()  # a vLLM sampler's worker process stops now; a weight copy is freed
+        set_fused_head(fused_before)  # the run's choice does not outlive it
 
     # drop the DDP wrappers (and their reducers) now, not at some later collection after the
     # caller has destroyed the process group

@@ -162,21 +162,46 @@ class Scores:
     mismatch: dict  # mismatch_kl, is_weight_mean, ... (empty when the policy sampled)
     old_values: torch.Tensor | None  # [B, R] the critic's values, if there is one
     ref_nll: torch.Tensor  # [B] reference NLL per token of each response
+    first_pass: tuple | None = None  # (log-probs with their graph, entropy) [B, R]: PPO's one pass, already run
+
+
+def single_pass(cfg: TrainConfig, correction) -> bool:
+    """Whether pi's log-probs of the sampled tokens come from PPO's own forward.
+
+    With one epoch of one minibatch, PPO's only forward runs on the weights that
+    sampled, so its log-probs *are* pi's "old" log-probs: run it once, before the
+    rewards are shaped, keep its graph for the loss, and the recompute that another
+    sampler needs costs nothing.
+    """
+    return correction.active and cfg.ppo_epochs == 1 and cfg.minibatches == 1
 
 
 def score_batch(batch: Batch, reward_fn: RewardFn, reference, correction, policy, critic, cfg: TrainConfig,
-                use_bf16: bool) -> Scores:
-    """Proxy reward, reference log-probs (same temperature), the policy's log-probs of mu's tokens, values."""
+                use_bf16: bool, train_policy=None) -> Scores:
+    """Proxy reward, reference log-probs (same temperature), the policy's log-probs of mu's tokens, values.
+
+    The reference is scored with the numerics of the policy log-probs it is compared
+    with: the trained passes' (bf16 autocast when ``use_bf16``) when pi's log-probs are
+    recomputed, the sampler's own (no autocast) when the policy sampled. A policy equal
+    to its reference then reads a KL of exactly 0.
+    """
     roll, mask = batch.roll, batch.mask
-    rewards = call_reward(reward_fn, batch.texts, roll).to(torch.device(cfg.device))
+    device = torch.device(cfg.device)
+    rewards = call_reward(reward_fn, batch.texts, roll).to(device)
+    first_pass = None
+    if single_pass(cfg, correction):
+        with autocast(device, use_bf16):
+            first_pass = response_logprobs(train_policy or policy, roll, cfg.temperature, with_entropy=True)
     with torch.no_grad():
-        ref_logprobs = reference.logprobs(roll, cfg.temperature)
+        with autocast(device, use_bf16 and correction.active):
+            ref_logprobs = reference.logprobs(roll, cfg.temperature).float()
         # pi's log-probs of mu's tokens (the sampler's own when mu is pi), weights pi/mu or None
-        old_logprobs, is_weights, mismatch = correction(policy, roll, cfg.temperature, use_bf16)
+        old_logprobs, is_weights, mismatch = correction(policy, roll, cfg.temperature, use_bf16,
+                                                        trainer_logprobs=first_pass[0] if first_pass else None)
         old_values = critic(roll) if critic else None
     n_tokens = mask.sum(-1).clamp_min(1)
     ref_nll = -(ref_logprobs * mask).sum(-1) / n_tokens  # per sample, nats/token
-    return Scores(rewards, ref_logprobs, old_logprobs, is_weights, mismatch, old_values, ref_nll)
+    return Scores(rewards, ref_logprobs, old_logprobs, is_weights, mismatch, old_values, ref_nll, first_pass)
 
 
 # ---------------------------------------------------------------- 3. shape and advantages
@@ -286,8 +311,12 @@ def ppo_epochs(state, train_policy, train_critic, batch: Batch, scores: Scores, 
         order = torch.randperm(local_batch, generator=state.shuffle_gen).to(device)
         for mb in order.split(local_batch // cfg.minibatches):
             mb_roll, mb_mask = batch.roll.select(mb), batch.mask[mb]
-            with autocast(device, use_bf16):
-                logprobs, entropy = response_logprobs(train_policy, mb_roll, cfg.temperature, with_entropy=True)
+            if scores.first_pass is not None:  # the one pass ran in score_batch (single_pass): its graph is here
+                logprobs, entropy = (x[mb] for x in scores.first_pass)
+                scores.first_pass = None
+            else:
+                with autocast(device, use_bf16):
+                    logprobs, entropy = response_logprobs(train_policy, mb_roll, cfg.temperature, with_entropy=True)
             pg_loss, pg_stats = ppo_policy_loss(logprobs, scores.old_logprobs[mb], advantages[mb], mb_mask,
                                                 cfg.clip_range, group=world.group)
             loss = pg_loss

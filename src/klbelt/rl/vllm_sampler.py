@@ -34,6 +34,7 @@ from pathlib import Path
 
 import torch
 
+from .merged_sampler import merged_tensors
 from .rollout import Rollout, unwrap
 
 WORKER = Path(__file__).with_name("vllm_worker.py")
@@ -56,31 +57,9 @@ def resolve_python(vllm_python: str | None = None) -> str:
 
 
 def merged_state_dict(policy) -> dict[str, torch.Tensor]:
-    """The policy's weights under the plain Hugging Face names, as vLLM loads them.
-
-    LoRA (peft): each adapted layer's ``W + scale * B A`` (peft's own
-    ``get_delta_weight``), computed without touching the trained model; adapter
-    tensors dropped. Tensors that share storage (tied embeddings) appear once,
-    under their first name. Detached fp32 CPU copies.
-    """
-    model = unwrap(policy)
-    if hasattr(model, "get_base_model") and hasattr(model, "peft_config"):
-        model = model.get_base_model()
-    deltas = {}
-    for name, module in model.named_modules():
-        if hasattr(module, "base_layer") and hasattr(module, "get_delta_weight"):
-            active = [a for a in module.active_adapters if a in module.lora_A]
-            if active:
-                deltas[name] = sum(module.get_delta_weight(a) for a in active)
-    state, seen = {}, set()
-    for name, tensor in model.state_dict().items():
-        if ".lora_" in name or tensor.data_ptr() in seen:
-            continue
-        seen.add(tensor.data_ptr())
-        if name.endswith(".base_layer.weight") and name[: -len(".base_layer.weight")] in deltas:
-            tensor = tensor + deltas[name[: -len(".base_layer.weight")]].to(tensor.dtype)
-        state[name.replace(".base_layer.", ".")] = tensor.detach().float().cpu().contiguous()
-    return state
+    """The policy's weights under the plain Hugging Face names, as vLLM loads them
+    (:func:`merged_tensors` as detached fp32 CPU copies)."""
+    return {name: tensor.detach().float().cpu().contiguous() for name, tensor in merged_tensors(policy)}
 
 
 def _stop(proc: subprocess.Popen, workdir: str) -> None:
