@@ -149,12 +149,14 @@ def english_floor(spec: dict) -> dict:
     import torch
 
     from klbelt.kl import logprobs_from_logits
-    from klbelt.rl.lora import adapters_disabled, apply_lora, autocast
+    from klbelt.rl.lora import adapters_disabled, apply_lora, autocast, hold_base_in_bf16
     from klbelt.rl.merged_sampler import MergedCopySampler
     from klbelt.rl.rollout import position_ids
 
     model, tok, prompts, cfg = english_work(spec)
     policy = apply_lora(model, cfg.lora_rank, cfg.lora_alpha)
+    if cfg.bf16 and cfg.bf16_base:
+        hold_base_in_bf16(policy)  # as train() holds it
     opt = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=cfg.lr)
     batch = [p for p in prompts[: cfg.batch_size // cfg.group_size] for _ in range(cfg.group_size)]
     enc = tok(batch, return_tensors="pt", padding=True)

@@ -59,6 +59,23 @@ def apply_lora(policy: nn.Module, rank: int, alpha: float | None = None, targets
         return get_peft_model(policy, config)
 
 
+def hold_base_in_bf16(policy) -> int:
+    """Cast the frozen (non-adapter, non-trained) weights of a LoRA policy to bf16, in place; returns how many.
+
+    The reference is then the bf16 base (LoRA on a bf16 model, as most LoRA runs
+    load it), the adapters stay fp32, and autocast no longer casts every frozen
+    weight on every pass: on SmolLM2 this measured 1.73 s against 2.27 s for the
+    forward+backward, 0.67 s against 0.75 s for the reference, and 550 MB less
+    peak memory (docs/measurements/2026-11-29/speed_probes/bfbase.py).
+    """
+    count = 0
+    for name, param in unwrap(policy).named_parameters():
+        if "lora_" not in name and not param.requires_grad and param.is_floating_point() and param.dtype != torch.bfloat16:
+            param.data = param.data.to(torch.bfloat16)
+            count += 1
+    return count
+
+
 def is_lora(model) -> bool:
     return hasattr(unwrap(model), "disable_adapter") and hasattr(unwrap(model), "peft_config")
 

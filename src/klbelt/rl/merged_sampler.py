@@ -30,7 +30,8 @@ def merged_tensors(policy):
     ``get_delta_weight``), computed when its turn comes, without touching the
     trained model; adapter tensors dropped. Tensors that share storage (tied
     embeddings) appear once, under their first name. Unmerged tensors are the
-    model's own (detach before writing to them); merged ones are new.
+    model's own (detach before writing to them); merged ones are new, in fp32
+    (a bf16 base plus fp32 adapters is summed in fp32 and rounded once by the caller).
     """
     model = _hf_model(policy)
     adapted = {}
@@ -48,7 +49,7 @@ def merged_tensors(policy):
         if layer in adapted:
             module, active = adapted[layer]
             with torch.no_grad():
-                tensor = tensor + sum(module.get_delta_weight(a) for a in active).to(tensor.dtype)
+                tensor = tensor.float() + sum(module.get_delta_weight(a).float() for a in active)  # merged in fp32
         yield name.replace(".base_layer.", "."), tensor
 
 

@@ -21,7 +21,7 @@ from .config import TrainConfig
 from .critic import ValueModel
 from .distributed import World
 from .io import check_writable
-from .lora import Reference, apply_lora, is_lora, resolve_bf16
+from .lora import Reference, apply_lora, hold_base_in_bf16, is_lora, resolve_bf16
 from .rollout import set_fused_head
 from .run_files import RunFiles, write_run_report
 from .run_state import RunState, checkpoint_bytes, fingerprint, make_controller
@@ -102,6 +102,8 @@ def train(
     policy, reference = policy_and_reference(cfg, policy, ref_policy, device)  # LoRA: reference = adapters off
     critic = ValueModel.from_policy(policy).to(device).eval() if cfg.advantage == "gae" else None
     use_bf16 = resolve_bf16(cfg.bf16, device)  # autocast for the differentiated passes only
+    if use_bf16 and cfg.bf16_base and reference.shared:
+        hold_base_in_bf16(policy)  # LoRA on a bf16 base: the reference is the bf16 model, the adapters stay fp32
     fused_before = set_fused_head(cfg.fused_head)  # log-probs from hidden states in row blocks (klbelt.kl.fused), or full logits; restored at the end
     draw = make_sampler(cfg.sampler, vllm_python=cfg.vllm_python)  # the sampler mu that draws the rollouts
     correction = RolloutCorrection(cfg.sampler, cfg.rollout_correction, cfg.is_cap, tuple(cfg.is_band) if cfg.is_band else None)
