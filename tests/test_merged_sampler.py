@@ -145,3 +145,28 @@ def test_train_leaves_the_fused_head_setting_as_it_found_it(tmp_path):
         assert set_fused_head(True) is True  # the run's False did not outlive it
     finally:
         set_fused_head(before)
+
+
+@pytest.mark.skipif(not bf16_supported(), reason="this CPU has no native bf16")
+@pytest.mark.parametrize("bf16_base", [True, False])
+def test_bf16_lora_holds_the_frozen_base_in_bf16_and_the_reference_is_that_base(tmp_path, bf16_base):
+    from klbelt.rl.lora import Reference
+
+    tok = word_tokenizer(WORDS)
+    frozen = tiny_gpt2(len(tok), n_layer=1, n_embd=32, seed=1)
+    model = apply_lora(copy.deepcopy(frozen), 4)
+    cfg = TrainConfig(steps=1, batch_size=8, group_size=2, advantage="group", max_new_tokens=6, lora_rank=4, bf16=True,
+                      bf16_base=bf16_base, checkpoint_every=100, out=str(tmp_path / "run"))
+    train(cfg, model, tok, ["a b", "c d", "w1", "w2 w3"], lambda texts: torch.tensor([float(len(t)) for t in texts]),
+          warn_alerts=False)
+    dtypes = {n: p.dtype for n, p in model.named_parameters()}
+    want = torch.bfloat16 if bf16_base else torch.float32
+    assert {d for n, d in dtypes.items() if "lora_" not in n} == {want}
+    assert {d for n, d in dtypes.items() if "lora_" in n} == {torch.float32}  # the adapters train in fp32
+    # the reference is the base as held: a frozen copy cast the same way scores the same log-probs
+    ids, mask = _prompts(tok)
+    roll = sample(frozen, ids, mask, generator=torch.Generator().manual_seed(0), **KW)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        got = Reference(model).logprobs(roll)
+        want_lp = response_logprobs(frozen.to(want), roll)
+    torch.testing.assert_close(got.float(), want_lp.float(), atol=0, rtol=0)
