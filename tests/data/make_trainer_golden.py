@@ -56,9 +56,7 @@ HISTORY = (
     "again when ``logits_to_keep`` became an index tensor (contiguous hidden rows; a bf16 linear layer on "
     "the old strided view took a batched-matmul path 14x slower): bf16 rounding moved, so the lora-bf16-group "
     "run's next beta moved by 7e-7 relative at update 2 and its samples from there on; every other run was unchanged "
-    "to the bit. Re-recorded once more when bf16 + LoRA began holding the frozen base weights in bf16 "
-    "(``bf16_base``): the lora-bf16-group run's reference is the bf16 base from update 0; the other runs have no "
-    "LoRA with bf16 and are unchanged to the bit."
+    "to the bit."
 )
 
 

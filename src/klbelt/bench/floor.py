@@ -12,7 +12,7 @@ pass is timed in rounds over all passes (so drift hits them alike), median per p
   values at the response positions only.
 * :func:`english_floor` (``--model``, the English demo's critic-free update): generation (a
   KV-cached loop on the sampler the demo uses, with its weight sync), one reference forward
-  (adapters off, in the numerics the trainer scores it with; index-tensor logits_to_keep as klbelt passes it), one policy forward+backward
+  (adapters off, in the numerics the trainer scores it with), one policy forward+backward
   (bf16 autocast where klbelt uses it) and one AdamW step on the adapters.
 """
 
@@ -149,14 +149,12 @@ def english_floor(spec: dict) -> dict:
     import torch
 
     from klbelt.kl import logprobs_from_logits
-    from klbelt.rl.lora import adapters_disabled, apply_lora, autocast, hold_base_in_bf16
+    from klbelt.rl.lora import adapters_disabled, apply_lora, autocast
     from klbelt.rl.merged_sampler import MergedCopySampler
-    from klbelt.rl.rollout import last_positions, position_ids
+    from klbelt.rl.rollout import position_ids
 
     model, tok, prompts, cfg = english_work(spec)
     policy = apply_lora(model, cfg.lora_rank, cfg.lora_alpha)
-    if cfg.bf16 and cfg.bf16_base:
-        hold_base_in_bf16(policy)  # as train() holds it
     opt = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=cfg.lr)
     batch = [p for p in prompts[: cfg.batch_size // cfg.group_size] for _ in range(cfg.group_size)]
     enc = tok(batch, return_tensors="pt", padding=True)
@@ -182,12 +180,12 @@ def english_floor(spec: dict) -> dict:
     @torch.no_grad()
     def ref_forward():
         with adapters_disabled(policy) as ref, autocast("cpu", ref_bf16):
-            return ref(input_ids=seq, attention_mask=full, position_ids=pos_full, logits_to_keep=last_positions(R + 1, seq.shape[1], seq.device)).logits
+            return ref(input_ids=seq, attention_mask=full, position_ids=pos_full, logits_to_keep=R + 1).logits
 
     def policy_fb():
         opt.zero_grad(set_to_none=True)
         with autocast("cpu", cfg.bf16):
-            logits = policy(input_ids=seq, attention_mask=full, position_ids=pos_full, logits_to_keep=last_positions(R + 1, seq.shape[1], seq.device)).logits
+            logits = policy(input_ids=seq, attention_mask=full, position_ids=pos_full, logits_to_keep=R + 1).logits
         logprobs_from_logits(logits[:, :-1], responses).mean().backward()
 
     policy_fb()

@@ -26,7 +26,7 @@ class TrainConfig:
     lora_alpha: float | None = None  # LoRA scale numerator (default 2 * lora_rank)
     fused_head: bool = True  # log-probs from the last hidden states and the LM head in row blocks, never the [B, R, V] logits (false: full logits)
     bf16: bool = False  # bf16 autocast for the trained forward passes where the CPU/GPU supports it; log-probs and KL stay fp32
-    bf16_base: bool = True  # with bf16 and LoRA: hold the frozen base weights (the reference) in bf16; false: keep them fp32 under autocast
+    bf16_base: bool = False  # with bf16 and LoRA: hold the frozen base weights (the reference) in bf16 (faster, 550 MB less; the reference is then the bf16 model); false: fp32 under autocast
     # --- rollouts
     steps: int = 100  # PPO updates (one batch of rollouts each)
     batch_size: int = 32  # sequences per update (prompts x group_size)
