@@ -58,6 +58,7 @@ def _worker(rank: int, init_file: str, result_dir: str):
         result = _rank_metrics(world.shard(B), world)
         with open(f"{result_dir}/rank{rank}.json", "w") as f:
             json.dump(result, f)
+        dist.barrier()  # neither rank tears gloo down while the other is still in a collective
     finally:
         dist.destroy_process_group()
 
