@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import torch
 
-from .rollout import Rollout, sample, unwrap
+from .rollout import Rollout, _hf_model, sample
 
 
 def merged_tensors(policy):
@@ -51,13 +51,6 @@ def merged_tensors(policy):
             with torch.no_grad():
                 tensor = tensor.float() + sum(module.get_delta_weight(a).float() for a in active)  # merged in fp32
         yield name.replace(".base_layer.", "."), tensor
-
-
-def _hf_model(policy):
-    model = unwrap(policy)
-    if hasattr(model, "get_base_model") and hasattr(model, "peft_config"):
-        model = model.get_base_model()
-    return model
 
 
 def _moving(policy) -> set[str]:
