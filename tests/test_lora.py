@@ -16,19 +16,9 @@ from klbelt.rl.config import TrainConfig
 from klbelt.rl.lora import Reference, apply_lora
 from klbelt.rl.rollout import response_logprobs, sample
 from klbelt.rl.trainer import train
-from tiny_models import word_tokenizer
+from tiny_models import tiny_llama, word_tokenizer
 
 WORDS = ["a", "b", "c", "d", "e"]
-
-
-def tiny_llama(vocab_size: int, seed: int = 0):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=vocab_size, hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
-                      num_key_value_heads=1, max_position_embeddings=64, bos_token_id=vocab_size - 2, eos_token_id=vocab_size - 2,
-                      pad_token_id=vocab_size - 1, tie_word_embeddings=True)
-    return LlamaForCausalLM(cfg).eval()
 
 
 def _rollout(model, tok, n=6, new=5, seed=0):
@@ -81,9 +71,12 @@ def test_lora_training_keeps_the_base_weights_and_checkpoints_only_the_adapters(
     assert state["policy"] and all("lora_" in k for k in state["policy"])
 
 
-def test_lora_run_resumed_from_its_checkpoint_ends_with_the_same_metrics(tmp_path, tok):
+@pytest.mark.parametrize("engine", [{}, dict(bf16=True, sampler="bf16-merged", bf16_base=True)], ids=["fp32", "bf16-base-merged"])
+def test_lora_run_resumed_from_its_checkpoint_ends_with_the_same_metrics(tmp_path, tok, engine):
+    if engine and not lora.bf16_supported():
+        pytest.skip("this CPU has no native bf16")
     common = dict(model="tiny", batch_size=6, max_new_tokens=4, lora_rank=4, lr=5e-2, advantage="group", group_size=2,
-                  kl_coef=0.1, controller="adaptive", checkpoint_every=2)
+                  kl_coef=0.1, controller="adaptive", checkpoint_every=2, **engine)
     full = train(TrainConfig(steps=4, out=str(tmp_path / "full"), **common), tiny_llama(len(tok)), tok, ["a", "b c", "d"], _reward, warn_alerts=False)
     train(TrainConfig(steps=2, out=str(tmp_path / "cut"), **common), tiny_llama(len(tok)), tok, ["a", "b c", "d"], _reward, warn_alerts=False)
     train(TrainConfig(steps=4, out=str(tmp_path / "cut"), **common), tiny_llama(len(tok)), tok, ["a", "b c", "d"], _reward,

@@ -10,12 +10,13 @@ import torch
 
 import klbelt.rl.update as update
 from klbelt.rl.config import TrainConfig
-from klbelt.rl.lora import apply_lora, bf16_supported
-from klbelt.rl.merged_sampler import MergedCopySampler
+from klbelt.rl.lora import adapters_disabled, apply_lora, bf16_supported, hold_base_in_bf16, restore_fp32
+from klbelt.rl.merged_sampler import CastEmbedding, MergedCopySampler, PackedLinear, packing_available
 from klbelt.rl.rollout import response_logprobs, sample
 from klbelt.rl.samplers import make_sampler
 from klbelt.rl.trainer import train
-from tiny_models import tiny_gpt2, word_tokenizer
+from klbelt.rl.run_state import fingerprint
+from tiny_models import tiny_gpt2, tiny_llama, word_tokenizer
 
 WORDS = ["a", "b", "c", "d"] + [f"w{i}" for i in range(40)]
 KW = dict(max_new_tokens=8, temperature=1.0)
@@ -147,26 +148,135 @@ def test_train_leaves_the_fused_head_setting_as_it_found_it(tmp_path):
         set_fused_head(before)
 
 
-@pytest.mark.skipif(not bf16_supported(), reason="this CPU has no native bf16")
-@pytest.mark.parametrize("bf16_base", [True, False])
-def test_bf16_lora_holds_the_frozen_base_in_bf16_and_the_reference_is_that_base(tmp_path, bf16_base):
-    from klbelt.rl.lora import Reference
+needs_bf16 = pytest.mark.skipif(not bf16_supported(), reason="this CPU has no native bf16")
+needs_packing = pytest.mark.skipif(not packing_available(), reason="no oneDNN bf16 weight packing here")
 
+
+def _lora_llama(tok, seed=3, bias=False):
+    policy = apply_lora(tiny_llama(len(tok), seed=seed, bias=bias), 4)
+    _move_adapters(policy, seed)
+    return policy
+
+
+def _logprobs_and_grads(policy, roll):
+    policy.zero_grad(set_to_none=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        lp = response_logprobs(policy, roll)
+        with torch.no_grad(), adapters_disabled(policy) as base:
+            ref = response_logprobs(base, roll)
+    lp.sum().backward()
+    grads = {n: p.grad.clone() for n, p in policy.named_parameters() if p.grad is not None}
+    return lp.detach(), ref, grads
+
+
+@needs_bf16
+def test_bf16_base_changes_no_number_under_autocast():
+    """The held weights are the bf16 values autocast casts to: policy and reference log-probs and the
+    adapters' gradients are equal bit for bit, while the base's linear weights really are bf16."""
     tok = word_tokenizer(WORDS)
-    frozen = tiny_gpt2(len(tok), n_layer=1, n_embd=32, seed=1)
-    model = apply_lora(copy.deepcopy(frozen), 4)
-    cfg = TrainConfig(steps=1, batch_size=8, group_size=2, advantage="group", max_new_tokens=6, lora_rank=4, bf16=True,
-                      bf16_base=bf16_base, checkpoint_every=100, out=str(tmp_path / "run"))
-    train(cfg, model, tok, ["a b", "c d", "w1", "w2 w3"], lambda texts: torch.tensor([float(len(t)) for t in texts]),
-          warn_alerts=False)
-    dtypes = {n: p.dtype for n, p in model.named_parameters()}
-    want = torch.bfloat16 if bf16_base else torch.float32
-    assert {d for n, d in dtypes.items() if "lora_" not in n} == {want}
-    assert {d for n, d in dtypes.items() if "lora_" in n} == {torch.float32}  # the adapters train in fp32
-    # the reference is the base as held: a frozen copy cast the same way scores the same log-probs
+    policy = _lora_llama(tok)
     ids, mask = _prompts(tok)
-    roll = sample(frozen, ids, mask, generator=torch.Generator().manual_seed(0), **KW)
-    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
-        got = Reference(model).logprobs(roll)
-        want_lp = response_logprobs(frozen.to(want), roll)
-    torch.testing.assert_close(got.float(), want_lp.float(), atol=0, rtol=0)
+    roll = sample(policy, ids, mask, generator=torch.Generator().manual_seed(0), **KW)
+    before = _logprobs_and_grads(policy, roll)
+    held = hold_base_in_bf16(policy)
+    dtypes = {n: p.dtype for n, p in policy.named_parameters()}
+    assert len(held) == 2 * 7  # 2 layers x (q, k, v, o, gate, up, down)
+    assert all(dtypes[n] == torch.bfloat16 for n in dtypes if ".base_layer." in n)
+    assert all(d == torch.float32 for n, d in dtypes.items() if ".base_layer." not in n)  # adapters, norms, embedding
+    after = _logprobs_and_grads(policy, roll)
+    assert torch.equal(before[0], after[0]) and torch.equal(before[1], after[1])
+    assert before[2].keys() == after[2].keys() and before[2]
+    assert all(torch.equal(before[2][n], after[2][n]) for n in before[2])
+    restore_fp32(held)
+    assert {p.dtype for p in policy.parameters()} == {torch.float32}
+
+
+@needs_bf16
+def test_a_bf16_base_run_matches_the_fp32_base_run_and_hands_back_fp32(tmp_path):
+    tok = word_tokenizer(WORDS)
+    seen = {}
+
+    def run(bf16_base):
+        policy = apply_lora(tiny_llama(len(tok), seed=4), 4)
+        cfg = TrainConfig(steps=2, batch_size=8, group_size=2, advantage="group", max_new_tokens=6, lora_rank=4, bf16=True,
+                          sampler="bf16-merged", bf16_base=bf16_base, checkpoint_every=100, out=str(tmp_path / f"run{bf16_base}"))
+
+        def on_step(record):
+            seen.setdefault(bf16_base, {n: p.dtype for n, p in policy.named_parameters()})
+
+        history = train(cfg, policy, tok, ["a b", "c d", "w1", "w2 w3"], lambda texts: torch.tensor([float(len(t)) for t in texts]),
+                        on_step=on_step, warn_alerts=False)
+        return policy, history
+
+    policy, held_run = run(True)
+    _, plain_run = run(False)
+    # update 0 (adapters at zero) is the same arithmetic: every metric equal but the clock
+    assert {k: v for k, v in held_run[0].items() if k != "seconds"} == {k: v for k, v in plain_run[0].items() if k != "seconds"}
+    assert {d for n, d in seen[True].items() if ".base_layer." in n} == {torch.bfloat16}
+    assert {d for n, d in seen[False].items()} == {torch.float32}
+    assert {p.dtype for p in policy.parameters()} == {torch.float32}  # fp32 again when the run ends
+
+
+def test_bf16_base_with_the_policy_sampler_is_refused():
+    with pytest.raises(ValueError, match="bf16_base needs a sampler other than 'policy'"):
+        TrainConfig(lora_rank=4, bf16=True, bf16_base=True)
+    with pytest.raises(ValueError, match="bf16_base must be true or false"):
+        TrainConfig(bf16_base="yes", sampler="bf16-merged")
+
+
+@needs_packing
+@pytest.mark.parametrize("rows", [1, 4, 16, 40])
+def test_a_packed_linear_equals_f_linear_bit_for_bit(rows):
+    g = torch.Generator().manual_seed(rows)
+    weight = torch.randn(48, 32, generator=g).to(torch.bfloat16)
+    bias = torch.randn(48, generator=g).to(torch.bfloat16)
+    layer = PackedLinear(weight, bias, rows_hint=16)
+    for shape in ((rows, 32), (2, rows, 32)):
+        x = torch.randn(*shape, generator=g).to(torch.bfloat16)
+        assert torch.equal(layer(x), torch.nn.functional.linear(x, weight, bias))
+    new = torch.randn(48, 32, generator=g).to(torch.bfloat16)
+    layer.pack(new)
+    layer.set_bias(torch.zeros(48))
+    x = torch.randn(rows, 32, generator=g).to(torch.bfloat16)
+    assert torch.equal(layer(x), torch.nn.functional.linear(x, new))
+    with pytest.raises(ValueError, match="weight must be"):
+        layer.pack(torch.zeros(32, 48))
+
+
+@needs_packing
+@pytest.mark.parametrize("lora", [True, False])
+def test_the_packed_copy_samples_exactly_what_the_plain_bf16_copy_samples(lora):
+    tok = word_tokenizer(WORDS)
+    policy = tiny_llama(len(tok), seed=6, bias=True)  # biases: a full fine-tune moves them too
+    if lora:
+        policy = apply_lora(policy, 4)
+    ids, mask = _prompts(tok)
+    packed, plain = MergedCopySampler(pack=True), MergedCopySampler(pack=False)
+    for update_no in range(3):
+        _move_adapters(policy, update_no)
+        uniforms = torch.rand(4, KW["max_new_tokens"], generator=torch.Generator().manual_seed(update_no))
+        got = packed(policy, ids, mask, uniforms=uniforms, **KW)
+        want = plain(policy, ids, mask, uniforms=uniforms, **KW)
+        assert torch.equal(got.sequences, want.sequences), update_no
+        assert torch.equal(got.logprobs, want.logprobs), update_no
+    layers = [m for m in packed.copy.modules() if isinstance(m, PackedLinear)]
+    assert len(layers) == 2 * 7 + 1  # every projection and the LM head
+    assert not any(isinstance(m, torch.nn.Linear) for m in packed.copy.modules())
+    # between rollouts the weights the next sync rewrites are released; under LoRA the embedding
+    # (frozen) is read from the policy's own table, not copied
+    embed = packed.copy.get_input_embeddings()
+    if lora:
+        assert all(m.packed is None for m in layers[:-1]) and layers[-1].packed is not None
+        assert isinstance(embed, CastEmbedding) and not list(embed.parameters())
+    else:
+        assert all(m.packed is None for m in layers)
+        assert embed.weight.dtype == torch.bfloat16
+
+
+def test_the_reference_fingerprint_is_the_sum_it_always_was():
+    """Summed one tensor at a time now; the numbers equal the all-at-once formula (old checkpoints resume)."""
+    model = tiny_gpt2(50, n_layer=2, n_embd=16, seed=9)
+    flat = [p.detach().double().reshape(-1) for p in model.parameters()]
+    want = [float(sum(f.sum() for f in flat)), float(sum(f.square().sum() for f in flat))]
+    assert fingerprint(model) == want
+    assert fingerprint(list(model.parameters())) == want

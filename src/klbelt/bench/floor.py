@@ -85,6 +85,7 @@ def gpt2_floor(spec: dict) -> dict:
     full_mask = torch.cat([prompt_mask, prompt_mask.new_ones(B, R)], 1)
     pos_full = positions(full_mask)
     responses = seq[:, P:]
+    keep = last_positions(R + 1, P + R, seq.device)  # contiguous rows, as klbelt gathers them
 
     def values_of(rows):
         hidden = trunk(input_ids=seq[rows], attention_mask=full_mask[rows], position_ids=pos_full[rows]).last_hidden_state
@@ -141,7 +142,9 @@ def english_floor(spec: dict) -> dict:
 
     The passes run with the demo's own choices, each timed alone: sampling from the
     sampler the config names (``"bf16-merged"``: the bf16 copy's weight sync plus a
-    KV-cached loop on it; otherwise a KV-cached loop on the LoRA policy, fp32), the
+    KV-cached loop on it, its linear layers packed where the CPU allows; otherwise a
+    KV-cached loop on the LoRA policy, fp32), the base's linear weights held in bf16
+    when the config says ``bf16_base``, the
     reference forward (adapters off; under bf16 autocast when the trainer scores the
     reference so, i.e. bf16 with a sampler other than the policy), one policy
     forward+backward (bf16 autocast where klbelt uses it) and one AdamW step.
@@ -149,12 +152,14 @@ def english_floor(spec: dict) -> dict:
     import torch
 
     from klbelt.kl import logprobs_from_logits
-    from klbelt.rl.lora import adapters_disabled, apply_lora, autocast
+    from klbelt.rl.lora import adapters_disabled, apply_lora, autocast, hold_base_in_bf16
     from klbelt.rl.merged_sampler import MergedCopySampler
-    from klbelt.rl.rollout import position_ids
+    from klbelt.rl.rollout import last_positions, position_ids
 
     model, tok, prompts, cfg = english_work(spec)
     policy = apply_lora(model, cfg.lora_rank, cfg.lora_alpha)
+    if cfg.bf16 and cfg.bf16_base and cfg.sampler != "policy":
+        hold_base_in_bf16(policy)  # as the trainer does: exact under the autocast every pass below runs in
     opt = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=cfg.lr)
     batch = [p for p in prompts[: cfg.batch_size // cfg.group_size] for _ in range(cfg.group_size)]
     enc = tok(batch, return_tensors="pt", padding=True)
@@ -176,16 +181,17 @@ def english_floor(spec: dict) -> dict:
     full = torch.cat([mask, mask.new_ones(B, R)], 1)
     pos_full = position_ids(full)
     responses = seq[:, P:]
+    keep = last_positions(R + 1, P + R, seq.device)  # contiguous rows, as klbelt gathers them
 
     @torch.no_grad()
     def ref_forward():
         with adapters_disabled(policy) as ref, autocast("cpu", ref_bf16):
-            return ref(input_ids=seq, attention_mask=full, position_ids=pos_full, logits_to_keep=R + 1).logits
+            return ref(input_ids=seq, attention_mask=full, position_ids=pos_full, logits_to_keep=keep).logits
 
     def policy_fb():
         opt.zero_grad(set_to_none=True)
         with autocast("cpu", cfg.bf16):
-            logits = policy(input_ids=seq, attention_mask=full, position_ids=pos_full, logits_to_keep=R + 1).logits
+            logits = policy(input_ids=seq, attention_mask=full, position_ids=pos_full, logits_to_keep=keep).logits
         logprobs_from_logits(logits[:, :-1], responses).mean().backward()
 
     policy_fb()

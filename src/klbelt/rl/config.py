@@ -26,7 +26,7 @@ class TrainConfig:
     lora_alpha: float | None = None  # LoRA scale numerator (default 2 * lora_rank)
     fused_head: bool = True  # log-probs from the last hidden states and the LM head in row blocks, never the [B, R, V] logits (false: full logits)
     bf16: bool = False  # bf16 autocast for the trained forward passes where the CPU/GPU supports it; log-probs and KL stay fp32
-    bf16_base: bool = False  # with bf16 and LoRA: hold the frozen base weights (the reference) in bf16 (faster, 550 MB less; the reference is then the bf16 model); false: fp32 under autocast
+    bf16_base: bool = False  # with bf16, LoRA and a sampler other than "policy": store the frozen base's linear weights as the bf16 values autocast reads (exact, faster, less memory); fp32 again when the run ends
     # --- rollouts
     steps: int = 100  # PPO updates (one batch of rollouts each)
     batch_size: int = 32  # sequences per update (prompts x group_size)
@@ -136,6 +136,11 @@ class TrainConfig:
             raise ValueError(f"config fused_head must be true or false, got {self.fused_head!r}")
         if not isinstance(self.bf16, bool):
             raise ValueError(f"config bf16 must be true or false, got {self.bf16!r}")
+        if not isinstance(self.bf16_base, bool):
+            raise ValueError(f"config bf16_base must be true or false, got {self.bf16_base!r}")
+        if self.bf16_base and self.sampler == "policy":
+            raise ValueError("config bf16_base needs a sampler other than 'policy' ('bf16', 'bf16-merged' or 'vllm'): the policy "
+                             "sampler and its fp32 reference run the base outside bf16 autocast, got sampler='policy'")
         if self.batch_size % self.group_size:
             raise ValueError(f"config batch_size ({self.batch_size}) must be a multiple of group_size ({self.group_size})")
         if self.advantage == "group" and self.group_size < 2:

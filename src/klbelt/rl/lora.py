@@ -59,21 +59,72 @@ def apply_lora(policy: nn.Module, rank: int, alpha: float | None = None, targets
         return get_peft_model(policy, config)
 
 
-def hold_base_in_bf16(policy) -> int:
-    """Cast the frozen (non-adapter, non-trained) weights of a LoRA policy to bf16, in place; returns how many.
+def _matmul_layer(module: nn.Module) -> bool:
+    return isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D"  # GPT-2's Conv1D is an addmm
 
-    The reference is then the bf16 base (LoRA on a bf16 model, as most LoRA runs
-    load it), the adapters stay fp32, and autocast no longer casts every frozen
-    weight on every pass: on SmolLM2 this measured 1.73 s against 2.27 s for the
-    forward+backward, 0.67 s against 0.75 s for the reference, and 550 MB less
-    peak memory (docs/measurements/2026-11-29/speed_probes/bfbase.py).
+
+def bf16_matmul_weights(policy) -> list[nn.Parameter]:
+    """The frozen weights that bf16 autocast only ever reads as bf16: the base's linear layers.
+
+    Weights and biases of the base model's linear (and GPT-2 ``Conv1D``) layers that do
+    not train, minus the adapters and the output embedding, and minus any tensor another
+    kind of module also holds (tied input embeddings, which an embedding lookup reads in
+    full precision). Under ``torch.autocast`` every use of these is a matmul that casts
+    them to bf16 first.
     """
-    count = 0
-    for name, param in unwrap(policy).named_parameters():
-        if "lora_" not in name and not param.requires_grad and param.is_floating_point() and param.dtype != torch.bfloat16:
-            param.data = param.data.to(torch.bfloat16)
-            count += 1
-    return count
+    model = unwrap(policy)
+    out_emb = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    excluded = {id(p) for p in out_emb.parameters()} if out_emb is not None else set()
+    chosen = {}
+    for name, module in model.named_modules():
+        own = list(module.parameters(recurse=False))
+        if not own:
+            continue
+        if not _matmul_layer(module) or "lora_" in name:
+            excluded.update(id(p) for p in own)
+            continue
+        for p in own:
+            if not p.requires_grad and p.is_floating_point():
+                chosen[id(p)] = p
+    return [p for key, p in chosen.items() if key not in excluded]
+
+
+def hold_base_in_bf16(policy) -> list[nn.Parameter]:
+    """Store the frozen linear weights of a LoRA policy in bf16, in place; returns them (for :func:`restore_fp32`).
+
+    Exact under autocast: the stored values are the ones autocast would cast the fp32
+    weights to before every matmul (round to nearest even, once), so every pass run under
+    bf16 autocast computes the same numbers as before, bit for bit; only the casts (and
+    the bf16 copies autograd saves for the backward) are gone. Embeddings, norms, the
+    output embedding and the adapters keep their dtype. Passes that run outside autocast
+    would see bf16 weights: the trainer holds the base in bf16 only when every pass on the
+    base runs under autocast (bf16 on, a sampler other than "policy").
+
+    The other frozen tensors are copied into memory of their own: a model loaded from
+    safetensors views one mmap of the file, and every page of it that was read stays
+    resident (and counted in RSS) while any tensor views it, so without this the fp32
+    file would stay beside its bf16 copies. On SmolLM2 the demo's peak RSS fell by
+    about 600 MB with both (README, "How one update runs").
+    """
+    params = [p for p in bf16_matmul_weights(policy) if p.dtype != torch.bfloat16]
+    for p in params:
+        p.data = p.data.to(torch.bfloat16)
+    # the other frozen tensors get memory of their own, so the loaded file's mmap is released
+    held = {id(p) for p in params}
+    for name, p in unwrap(policy).named_parameters():
+        if id(p) not in held and not p.requires_grad and "lora_" not in name:
+            p.data = p.data.clone()
+    for module in unwrap(policy).modules():
+        for key, buf in module._buffers.items():
+            if buf is not None:
+                module._buffers[key] = buf.clone()
+    return params
+
+
+def restore_fp32(params: list[nn.Parameter]) -> None:
+    """Back to fp32 storage after :func:`hold_base_in_bf16` (the values stay the bf16-rounded ones)."""
+    for p in params:
+        p.data = p.data.float()
 
 
 def is_lora(model) -> bool:

@@ -21,7 +21,7 @@ from .config import TrainConfig
 from .critic import ValueModel
 from .distributed import World
 from .io import check_writable
-from .lora import Reference, apply_lora, hold_base_in_bf16, is_lora, resolve_bf16
+from .lora import Reference, apply_lora, hold_base_in_bf16, is_lora, resolve_bf16, restore_fp32
 from .rollout import set_fused_head
 from .run_files import RunFiles, write_run_report
 from .run_state import RunState, checkpoint_bytes, fingerprint, make_controller
@@ -102,8 +102,6 @@ def train(
     policy, reference = policy_and_reference(cfg, policy, ref_policy, device)  # LoRA: reference = adapters off
     critic = ValueModel.from_policy(policy).to(device).eval() if cfg.advantage == "gae" else None
     use_bf16 = resolve_bf16(cfg.bf16, device)  # autocast for the differentiated passes only
-    if use_bf16 and cfg.bf16_base and reference.shared:
-        hold_base_in_bf16(policy)  # LoRA on a bf16 base: the reference is the bf16 model, the adapters stay fp32
     fused_before = set_fused_head(cfg.fused_head)  # log-probs from hidden states in row blocks (klbelt.kl.fused), or full logits; restored at the end
     draw = make_sampler(cfg.sampler, vllm_python=cfg.vllm_python)  # the sampler mu that draws the rollouts
     correction = RolloutCorrection(cfg.sampler, cfg.rollout_correction, cfg.is_cap, tuple(cfg.is_band) if cfg.is_band else None)
@@ -122,6 +120,9 @@ def train(
     train_policy, train_critic = world.wrap(policy), world.wrap(critic) if critic else None
     rows = world.shard(cfg.batch_size)  # this rank's rows of the global batch
 
+    # Every pass on a LoRA base runs under bf16 autocast (sampler not "policy"): its linear weights can be
+    # stored as the bf16 values autocast reads (exact; fp32 again, with those values, when the run ends).
+    held = hold_base_in_bf16(policy) if use_bf16 and cfg.bf16_base and reference.shared and cfg.sampler != "policy" else []
     history = []
     try:
         for step in range(start, cfg.steps):
@@ -155,6 +156,7 @@ def train(
         monitor.close()  # a crashed run still ends its W&B / MLflow run and flushes its sinks
         getattr(draw, "close", lambda: None)()  # a vLLM sampler's worker process stops now; a weight copy is freed
         set_fused_head(fused_before)  # the run's choice does not outlive it
+        restore_fp32(held)  # the caller's model is fp32 again (show_samples, save_pretrained run outside autocast)
 
     # drop the DDP wrappers (and their reducers) now, not at some later collection after the
     # caller has destroyed the process group

@@ -188,13 +188,13 @@ def score_batch(batch: Batch, reward_fn: RewardFn, reference, correction, policy
     roll, mask = batch.roll, batch.mask
     device = torch.device(cfg.device)
     rewards = call_reward(reward_fn, batch.texts, roll).to(device)
-    first_pass = None
+    with torch.no_grad(), autocast(device, use_bf16 and correction.active):
+        ref_logprobs = reference.logprobs(roll, cfg.temperature).float()
+    first_pass = None  # after the reference: its pass's memory is free again before this graph is held
     if single_pass(cfg, correction):
         with autocast(device, use_bf16):
             first_pass = response_logprobs(train_policy or policy, roll, cfg.temperature, with_entropy=True)
     with torch.no_grad():
-        with autocast(device, use_bf16 and correction.active):
-            ref_logprobs = reference.logprobs(roll, cfg.temperature).float()
         # pi's log-probs of mu's tokens (the sampler's own when mu is pi), weights pi/mu or None
         old_logprobs, is_weights, mismatch = correction(policy, roll, cfg.temperature, use_bf16,
                                                         trainer_logprobs=first_pass[0] if first_pass else None)
