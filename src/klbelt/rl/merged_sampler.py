@@ -20,9 +20,11 @@ oneDNN's blocked layout (:class:`PackedLinear`), packed once per weight sync
 instead of on every call: the decode loop's matmuls (16 rows against each
 weight) measured 152 us against 266 us per 576 x 1536 weight, the tied LM head
 3.8 ms against 7.0 ms per step, with outputs equal to ``F.linear``'s bit for bit
-(docs/measurements/2026-11-29/speed_probes/packed.py). The copy then keeps the
-embedding table for lookups and a packed LM head beside it (57 MB more on
-SmolLM2).
+(docs/measurements/2026-11-29/speed_probes/packed.py). Packed weights that the
+next sync rewrites anyway are freed after each rollout (214 MB on SmolLM2 under
+LoRA, dead memory while the trainer works), and frozen embeddings are looked up
+in the policy's own table, the rows cast (:class:`CastEmbedding`), so a tied LM
+head's packed copy is the only copy of that table the sampler holds.
 """
 
 from __future__ import annotations
