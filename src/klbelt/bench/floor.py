@@ -85,7 +85,6 @@ def gpt2_floor(spec: dict) -> dict:
     full_mask = torch.cat([prompt_mask, prompt_mask.new_ones(B, R)], 1)
     pos_full = positions(full_mask)
     responses = seq[:, P:]
-    keep = last_positions(R + 1, P + R, seq.device)  # contiguous rows, as klbelt gathers them
 
     def values_of(rows):
         hidden = trunk(input_ids=seq[rows], attention_mask=full_mask[rows], position_ids=pos_full[rows]).last_hidden_state
