@@ -103,8 +103,9 @@ def hold_base_in_bf16(policy) -> list[nn.Parameter]:
     The other frozen tensors are copied into memory of their own: a model loaded from
     safetensors views one mmap of the file, and every page of it that was read stays
     resident (and counted in RSS) while any tensor views it, so without this the fp32
-    file would stay beside its bf16 copies. On SmolLM2 the demo's peak RSS fell by
-    about 600 MB with both (README, "How one update runs").
+    file would stay beside its bf16 copies. On SmolLM2 the demo update's peak RSS
+    fell from 2442 to 2038 MB with both (6 updates through ``train()``, before the
+    sampler's packing; README, "How one update runs").
     """
     params = [p for p in bf16_matmul_weights(policy) if p.dtype != torch.bfloat16]
     for p in params:
