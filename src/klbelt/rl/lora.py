@@ -90,7 +90,7 @@ def bf16_matmul_weights(policy) -> list[nn.Parameter]:
 
 
 def hold_base_in_bf16(policy) -> list[nn.Parameter]:
-    """Store the frozen linear weights of a LoRA policy in bf16, in place; returns them (for :func:`restore_fp32`).
+    """Store the frozen fp32 linear weights of a LoRA policy in bf16, in place; returns them (for :func:`restore_fp32`).
 
     Exact under autocast: the stored values are the ones autocast would cast the fp32
     weights to before every matmul (round to nearest even, once), so every pass run under
@@ -107,7 +107,7 @@ def hold_base_in_bf16(policy) -> list[nn.Parameter]:
     fell from 2442 to 2038 MB with both (6 updates through ``train()``, before the
     sampler's packing; README, "How one update runs").
     """
-    params = [p for p in bf16_matmul_weights(policy) if p.dtype != torch.bfloat16]
+    params = [p for p in bf16_matmul_weights(policy) if p.dtype == torch.float32]  # (fp16 weights stay as they are)
     for p in params:
         p.data = p.data.to(torch.bfloat16)
     # the other frozen tensors get memory of their own, so the loaded file's mmap is released
