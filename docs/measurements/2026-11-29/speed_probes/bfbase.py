@@ -1,16 +1,12 @@
 import time, torch, statistics, resource
 torch.set_num_threads(2)
-from klbelt.bench.work import english_work
-from klbelt.rl.lora import apply_lora, adapters_disabled
+from _common import lora_batch
+from klbelt.rl.lora import adapters_disabled
 from klbelt.rl.rollout import sample, response_logprobs, set_fused_head
 import sys
-spec = {"model": "smollm2", "bf16": True, "warmup": 1, "updates": 1}
-model, tok, prompts, cfg = english_work(spec)
-policy = apply_lora(model, cfg.lora_rank, cfg.lora_alpha)
+policy, tok, cfg, ids, mask = lora_batch()
 set_fused_head(False)
-batch = [p for p in prompts[:4] for _ in range(4)]
-enc = tok(batch, return_tensors="pt", padding=True)
-roll = sample(policy, enc["input_ids"], enc["attention_mask"], max_new_tokens=24, generator=torch.Generator().manual_seed(0))
+roll = sample(policy, ids, mask, max_new_tokens=24, generator=torch.Generator().manual_seed(0))
 if sys.argv[1] == "bf16base":
     for n, p in policy.named_parameters():
         if "lora_" not in n: p.data = p.data.bfloat16()

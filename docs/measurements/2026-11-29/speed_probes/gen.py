@@ -1,25 +1,9 @@
-import time, torch, statistics, sys
-torch.set_num_threads(2)
-from dataclasses import replace
-from klbelt.bench.work import english_work
-from klbelt.rl.lora import apply_lora
-from klbelt.rl.rollout import sample, position_ids
-spec = {"model": "smollm2", "bf16": True, "warmup": 1, "updates": 1}
-model, tok, prompts, cfg = english_work(spec)
-policy = apply_lora(model, cfg.lora_rank, cfg.lora_alpha)
-# make adapters nonzero
-with torch.no_grad():
-    for n, p in policy.named_parameters():
-        if "lora_B" in n: p.normal_(0, 0.01)
-batch = [p for p in prompts[:4] for _ in range(4)]
-enc = tok(batch, return_tensors="pt", padding=True)
-ids, mask = enc["input_ids"], enc["attention_mask"]
+import torch
+from _common import lora_batch, median_seconds
+from klbelt.rl.rollout import sample
+policy, tok, cfg, ids, mask = lora_batch(move_adapters=True)
 print("prompt shape", ids.shape)
-def run(fn, n=3):
-    ts=[]
-    for i in range(n+1):
-        t=time.perf_counter(); fn(); ts.append(time.perf_counter()-t)
-    return statistics.median(ts[1:])
+run = lambda fn: median_seconds(fn, n=3)
 g = lambda: torch.Generator().manual_seed(0)
 def fp32(): return sample(policy, ids, mask, max_new_tokens=24, generator=g(), eos_token_id=tok.eos_token_id)
 def bf16():
