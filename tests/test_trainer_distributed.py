@@ -27,8 +27,21 @@ CONFIGS = {
 }
 
 
+_CALLS = [0]
+
+
 def score_good(texts):
-    """+1 per 'good', -1 per 'bad'."""
+    """+1 per 'good', -1 per 'bad'.
+
+    With $KLBELT_TEST_HANG_AT set to N, the process's N-th call (0-based: step N) blocks forever, so a test
+    can kill a run at a known step however fast the steps are."""
+    hang_at = os.environ.get("KLBELT_TEST_HANG_AT")
+    if hang_at is not None and _CALLS[0] == int(hang_at):
+        import time
+
+        while True:
+            time.sleep(1)
+    _CALLS[0] += 1
     return torch.tensor([t.split().count("good") - t.split().count("bad") for t in texts], dtype=torch.float32)
 
 
@@ -131,8 +144,8 @@ def _cli(*args, **env):
     return subprocess.run([sys.executable, "-m", "klbelt", "train", *args], env=env, capture_output=True, text=True, timeout=300)
 
 
-def _popen(*args):
-    env = {**os.environ, "OMP_NUM_THREADS": "1",
+def _popen(*args, **env):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", **env,
            "PYTHONPATH": os.pathsep.join([os.path.dirname(__file__), os.environ.get("PYTHONPATH", "")])}
     return subprocess.Popen([sys.executable, "-m", "klbelt", "train", *args], env=env, stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, start_new_session=True)
@@ -164,10 +177,11 @@ def test_klbelt_train_nproc_2_matches_one_process_and_resumes_after_sigkill(tmp_
     assert (two / "policy" / "config.json").exists()
 
     # the whole job (torchrun and both workers) killed after step 3: resume on 2 processes
-    proc = _popen("--config", str(config), "--out", str(killed), "--nproc", "2")
+    # every rank's reward blocks at step 5, so the kill lands mid-run however fast the steps are
+    proc = _popen("--config", str(config), "--out", str(killed), "--nproc", "2", KLBELT_TEST_HANG_AT="5")
     metrics, deadline = killed / "metrics.jsonl", time.time() + 240
     # kill once step 4's line is written: the step-4 checkpoint was saved before step 4 began
-    # (right after step 3's line), and step 5 is still running
+    # (right after step 3's line), and step 5 is blocked in its reward
     while time.time() < deadline and (not metrics.exists() or len(metrics.read_text().splitlines()) < 5):
         time.sleep(0.01)
     os.killpg(proc.pid, signal.SIGKILL)
