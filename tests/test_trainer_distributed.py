@@ -151,6 +151,24 @@ def _popen(*args, **env):
                             stderr=subprocess.PIPE, start_new_session=True)
 
 
+def _processes_naming(path) -> list[int]:
+    """Live processes (not zombies) whose command line contains ``path``."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                cmdline = f.read().replace(b"\0", b" ").decode(errors="replace")
+            with open(f"/proc/{entry}/stat") as f:
+                state = f.read().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            continue
+        if str(path) in cmdline and state != "Z":
+            found.append(int(entry))
+    return found
+
+
 @pytest.mark.slow
 def test_klbelt_train_nproc_2_matches_one_process_and_resumes_after_sigkill(tmp_path, model_dir):
     import signal
@@ -184,8 +202,16 @@ def test_klbelt_train_nproc_2_matches_one_process_and_resumes_after_sigkill(tmp_
     # (right after step 3's line), and step 5 is blocked in its reward
     while time.time() < deadline and (not metrics.exists() or len(metrics.read_text().splitlines()) < 5):
         time.sleep(0.01)
-    os.killpg(proc.pid, signal.SIGKILL)
+    os.killpg(proc.pid, signal.SIGKILL)  # klbelt's launcher and torchrun; the workers run in sessions of their own
     proc.wait(30)
+    # the workers die with torchrun (PR_SET_PDEATHSIG): none is left to write into the folder being resumed
+    survivors, deadline = _processes_naming(killed), time.time() + 30
+    while survivors and time.time() < deadline:
+        time.sleep(0.1)
+        survivors = _processes_naming(killed)
+    for pid in survivors:  # (they would wait in their reward forever)
+        os.kill(pid, signal.SIGKILL)
+    assert not survivors, f"workers outlived the killed launcher: {survivors}"
     assert 5 <= len(metrics.read_text().splitlines()) < 6, "the kill must land mid-run"
     assert torch.load(killed / "checkpoint.pt", weights_only=False)["step"] == 4
     import shutil

@@ -139,7 +139,11 @@ def launch(args, cfg) -> int:
         cmd += [f"--{key}", value]
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}  # torchrun's default, without its banner
     launcher_line = re.compile(r"^[WEI]\d{4} \d\d:\d\d:\d\d")  # torchrun's agent logging
-    proc = subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE, text=True, bufsize=1)
+    from ..rl.distributed import parent_death_kills
+
+    # torchrun dies with this command (and its workers with torchrun): a killed `klbelt train --nproc N`
+    # leaves nothing running that could still write to the run folder
+    proc = subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE, text=True, bufsize=1, preexec_fn=parent_death_kills())
     prefix = "klbelt train: error:"
     errors, held, launcher_talking = [], [], False
     for line in proc.stderr:

@@ -95,17 +95,62 @@ class World:
         return DistributedDataParallel(model, broadcast_buffers=False)
 
 
+def _prctl():
+    """libc's ``prctl`` (Linux), looked up once; ``None`` elsewhere."""
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return None
+    import ctypes
+
+    try:
+        return ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+
+
+def die_with_parent(prctl=None) -> bool:
+    """Have the kernel SIGKILL this process when its parent dies (Linux ``PR_SET_PDEATHSIG``); False elsewhere.
+
+    torchrun starts each worker in a session of its own, so killing the launcher's
+    process group leaves the workers running: orphans that keep writing to the run
+    folder while a ``--resume`` of it starts. With this a killed launcher takes its
+    workers with it. A parent already gone (this process adopted by init) ends it now.
+    ``prctl``: the function, looked up before a fork (:func:`parent_death_kills`).
+    """
+    import signal
+
+    prctl = prctl or _prctl()
+    if prctl is None or prctl(1, int(signal.SIGKILL), 0, 0, 0) != 0:  # 1 = PR_SET_PDEATHSIG
+        return False
+    if os.getppid() == 1:  # the parent died before the call above
+        os.kill(os.getpid(), signal.SIGKILL)
+    return True
+
+
+def parent_death_kills():
+    """A ``preexec_fn`` for :class:`subprocess.Popen`: the child dies with this process (no-op off Linux).
+
+    libc is looked up here, in the parent: the child runs only the call.
+    """
+    prctl = _prctl()
+    return lambda: die_with_parent(prctl) if prctl is not None else None
+
+
 def init_from_env(device: str = "cpu", timeout_s: float = 600.0) -> World:
     """Join the process group that ``torchrun`` describes in the environment (``WORLD_SIZE`` > 1).
 
     gloo on CPU, NCCL on CUDA. Does nothing (a single-process world) when not
-    launched by torchrun or when the group already exists.
+    launched by torchrun or when the group already exists. A worker that torchrun
+    started dies with it (:func:`die_with_parent`).
     """
     import datetime
 
     import torch.distributed as dist
 
     size = int(os.environ.get("WORLD_SIZE", "1"))
+    if size > 1 and "TORCHELASTIC_RUN_ID" in os.environ:  # torchrun's worker: never outlive the agent
+        die_with_parent()
     if size > 1 and not dist.is_initialized():
         backend = "nccl" if device.startswith("cuda") else "gloo"
         if backend == "nccl":
