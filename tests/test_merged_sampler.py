@@ -280,3 +280,23 @@ def test_the_reference_fingerprint_is_the_sum_it_always_was():
     want = [float(sum(f.sum() for f in flat)), float(sum(f.square().sum() for f in flat))]
     assert fingerprint(model) == want
     assert fingerprint(list(model.parameters())) == want
+
+
+@pytest.mark.parametrize("bf16_base", [False, True])
+def test_merged_weights_are_the_base_plus_peft_deltas_in_fp32_bit_for_bit(bf16_base):
+    """The sync sums in place; the numbers are those of ``W.float() + sum(get_delta_weight)`` exactly."""
+    from klbelt.rl.merged_sampler import merged_tensors
+
+    tok = word_tokenizer(WORDS)
+    policy = _lora_llama(tok, seed=6, bias=True)
+    if bf16_base:
+        hold_base_in_bf16(policy)
+    layers = {n: m for n, m in policy.get_base_model().named_modules() if hasattr(m, "base_layer") and hasattr(m, "get_delta_weight")}
+    checked = 0
+    for name, tensor in merged_tensors(policy):
+        layer = layers.get(name[: -len(".weight")])
+        if layer is not None and name.endswith(".weight"):
+            expected = layer.base_layer.weight.float() + sum(layer.get_delta_weight(a).float() for a in layer.active_adapters)
+            assert tensor.dtype == torch.float32 and torch.equal(tensor, expected), name
+            checked += 1
+    assert checked == len(layers) > 0

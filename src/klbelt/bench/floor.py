@@ -151,11 +151,13 @@ def english_floor(spec: dict) -> dict:
     import torch
 
     from klbelt.kl import logprobs_from_logits
+    from klbelt.rl.attention import set_attention
     from klbelt.rl.lora import adapters_disabled, apply_lora, autocast, hold_base_in_bf16
     from klbelt.rl.merged_sampler import MergedCopySampler
     from klbelt.rl.rollout import last_positions, position_ids
 
     model, tok, prompts, cfg = english_work(spec)
+    set_attention(model, cfg.attn_implementation)  # the demo's attention kernel
     policy = apply_lora(model, cfg.lora_rank, cfg.lora_alpha)
     if cfg.bf16 and cfg.bf16_base and cfg.sampler != "policy":
         hold_base_in_bf16(policy)  # as the trainer does: exact under the autocast every pass below runs in

@@ -5,7 +5,7 @@ scores, softmax and the weighted sum are computed in fp32 from the (possibly
 bf16) queries, keys and values, with the scores materialised. On a CPU, for the
 short sequences of RLHF rollouts, this is faster than the fused SDPA kernels
 (whose per-call set-up dominates at a few dozen positions; measured in
-``docs/measurements/2026-11-29/speed_probes/attention.py``) and, unlike
+``docs/measurements/2026-11-29/speed_probes/attention_kernels.py``) and, unlike
 Hugging Face's ``"eager"``, never rounds the attention probabilities to bf16.
 Its memory is O(length^2) per head: for long sequences keep ``"sdpa"``.
 """
@@ -87,3 +87,21 @@ def set_attention(model, name: str) -> str | None:
         register()
     hf.set_attn_implementation(name)
     return previous
+
+
+def set_attention_of(models, name: str) -> list[tuple]:
+    """:func:`set_attention` on each of ``models`` (``None`` skipped); returns what :func:`restore_attention` needs."""
+    if name not in CHOICES:
+        raise ValueError(f"attn_implementation must be one of {', '.join(map(repr, CHOICES))}; got {name!r}")
+    if name == "model":
+        return []
+    return [(m, set_attention(m, name)) for m in models if m is not None]
+
+
+def restore_attention(saved: list[tuple]) -> None:
+    """Put back the implementations :func:`set_attention_of` found (a run's choice does not outlive it)."""
+    from .rollout import _hf_model
+
+    for model, previous in reversed(saved):
+        if previous is not None and current(model) != previous:
+            _hf_model(model).set_attn_implementation(previous)

@@ -26,6 +26,7 @@ class TrainConfig:
     lora_alpha: float | None = None  # LoRA scale numerator (default 2 * lora_rank)
     fused_head: bool = True  # log-probs from the last hidden states and the LM head in row blocks, never the [B, R, V] logits (false: full logits)
     bf16: bool = False  # bf16 autocast for the trained forward passes where the CPU/GPU supports it; log-probs and KL stay fp32
+    attn_implementation: str = "model"  # attention of every pass: "model" (as loaded), "sdpa", "eager" (Hugging Face's) or "klbelt_fp32" (scores, softmax and sum in fp32, materialised: fastest on CPU for short sequences, O(length^2) memory)
     bf16_base: bool = False  # with bf16, LoRA and a sampler other than "policy": store the frozen base's linear weights as the bf16 values autocast reads (exact, faster, less memory); fp32 again when the run ends
     # --- rollouts
     steps: int = 100  # PPO updates (one batch of rollouts each)
@@ -87,6 +88,7 @@ class TrainConfig:
             "clamp_gradient": ("zero", "pass"),
             "sampler": ("policy", "bf16", "bf16-merged", "vllm"),
             "rollout_correction": ("off", "tis", "mis", "band"),
+            "attn_implementation": ("model", "sdpa", "eager", "klbelt_fp32"),
         }
         if self.report_to is not None:
             sinks = ("jsonl", "csv", "tensorboard", "wandb", "mlflow")

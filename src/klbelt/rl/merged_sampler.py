@@ -117,8 +117,12 @@ def merged_tensors(policy):
         layer = name[: -len(".base_layer.weight")] if name.endswith(".base_layer.weight") else None
         if layer in adapted:
             module, active = adapted[layer]
-            with torch.no_grad():
-                tensor = tensor.float() + sum(module.get_delta_weight(a).float() for a in active)  # merged in fp32
+            with torch.no_grad():  # merged in fp32: the deltas' sum, then the base added into it in place (one fp32 tensor)
+                delta = module.get_delta_weight(active[0]).float()
+                for a in active[1:]:
+                    delta = delta + module.get_delta_weight(a).float()
+                exact = tensor.dtype in (torch.float32, torch.bfloat16, torch.float16)  # read as fp32 without rounding
+                tensor = delta.add_(tensor if exact else tensor.float())  # = tensor.float() + delta, bit for bit (addition commutes)
         yield name.replace(".base_layer.", "."), tensor
 
 

@@ -22,6 +22,7 @@ from .critic import ValueModel
 from .distributed import World
 from .io import check_writable
 from .lora import Reference, apply_lora, hold_base_in_bf16, is_lora, resolve_bf16, restore_fp32
+from .attention import restore_attention, set_attention_of
 from .rollout import set_fused_head
 from .run_files import RunFiles, write_run_report
 from .run_state import RunState, checkpoint_bytes, fingerprint, make_controller
@@ -102,6 +103,8 @@ def train(
     policy, reference = policy_and_reference(cfg, policy, ref_policy, device)  # LoRA: reference = adapters off
     critic = ValueModel.from_policy(policy).to(device).eval() if cfg.advantage == "gae" else None
     use_bf16 = resolve_bf16(cfg.bf16, device)  # autocast for the differentiated passes only
+    # the attention kernel of every pass (policy, reference, critic, and the sampler copies built from them); restored at the end
+    attention_before = set_attention_of([policy, reference.model, critic.trunk if critic else None], cfg.attn_implementation)
     fused_before = set_fused_head(cfg.fused_head)  # log-probs from hidden states in row blocks (klbelt.kl.fused), or full logits; restored at the end
     draw = make_sampler(cfg.sampler, vllm_python=cfg.vllm_python)  # the sampler mu that draws the rollouts
     correction = RolloutCorrection(cfg.sampler, cfg.rollout_correction, cfg.is_cap, tuple(cfg.is_band) if cfg.is_band else None)
@@ -156,6 +159,7 @@ def train(
         monitor.close()  # a crashed run still ends its W&B / MLflow run and flushes its sinks
         getattr(draw, "close", lambda: None)()  # a vLLM sampler's worker process stops now; a weight copy is freed
         set_fused_head(fused_before)  # the run's choice does not outlive it
+        restore_attention(attention_before)
         restore_fp32(held)  # the caller's model is fp32 again (show_samples, save_pretrained run outside autocast)
 
     # drop the DDP wrappers (and their reducers) now, not at some later collection after the

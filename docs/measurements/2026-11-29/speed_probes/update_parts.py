@@ -1,7 +1,8 @@
 """Seconds of each part of 6 demo updates through ``train()`` (beta 0.1 fixed, as the bench): the weight
 sync, the sampling loop, the reward, the reference forward, PPO's forward, the backward and AdamW.
 
-python update_parts.py [bf16_base=1|0]   (1: the demo's setting)
+python update_parts.py [bf16_base=1|0] [attn=NAME]   (bf16_base 1: the demo's setting; attn: attn_implementation,
+default the demo config's)
 """
 import collections
 import sys
@@ -20,7 +21,9 @@ from klbelt.demo.rewards import proxy_reward
 
 torch.set_num_threads(2)
 model, tok, prompts, cfg = english_work(dict(model="smollm2", warmup=2, updates=3, bf16=True, threads=2))
-cfg = replace(cfg, bf16_base=(sys.argv[1:] or ["bf16_base=1"])[0].endswith("1"))
+args = dict(a.split("=", 1) for a in sys.argv[1:])
+cfg = replace(cfg, bf16_base=args.get("bf16_base", "1") == "1", attn_implementation=args.get("attn", cfg.attn_implementation))
+print("bf16_base", cfg.bf16_base, "attn_implementation", cfg.attn_implementation)
 times = collections.defaultdict(float)
 
 
