@@ -154,3 +154,73 @@ def test_model_leaves_the_model_alone():
     assert set_attention(model, "model") == "sdpa" and model.config._attn_implementation == "sdpa"
     assert set_attention(model, "eager") == "sdpa" and model.config._attn_implementation == "eager"
 
+
+
+# --- klbelt's decode loop (LeanDecoder) over the sampler copy ------------------------------------------------------
+
+
+def _moved_lora_llama(tok, bias: bool):
+    policy = apply_lora(tiny_llama(len(tok), seed=3, bias=bias), 4)
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for p in policy.parameters():
+            if p.requires_grad:
+                p.add_(0.3 * torch.randn(p.shape, generator=g))
+    set_attention(policy, "klbelt_fp32")
+    return policy
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, pytest.param(torch.bfloat16, marks=pytest.mark.skipif(
+    not bf16_supported(), reason="this CPU has no native bf16"))])
+@pytest.mark.parametrize("bias", [False, True])
+def test_the_lean_decode_loop_samples_exactly_what_hugging_faces_loop_samples(dtype, bias):
+    """Same tokens, same log-probs bit for bit, over two weight syncs, with EOS stops and a blocked token."""
+    from klbelt.rl.merged_sampler import MergedCopySampler
+
+    tok = word_tokenizer(WORDS)
+    policy = _moved_lora_llama(tok, bias)
+    ids, mask = _batch(tok)
+    samplers = {lean: MergedCopySampler(dtype, lean=lean) for lean in (False, True)}
+    for sync in range(2):
+        rolls = {}
+        for lean, sampler in samplers.items():
+            rolls[lean] = sampler(policy, ids, mask, max_new_tokens=9, generator=torch.Generator().manual_seed(sync),
+                                  eos_token_id=tok.eos_token_id, stop_on_eos=True, blocked_token_ids=(tok.convert_tokens_to_ids("w7"),))
+        assert samplers[True].decoder is not None and samplers[False].decoder is None
+        a, b = rolls[False], rolls[True]
+        assert torch.equal(a.sequences, b.sequences) and torch.equal(a.response_mask, b.response_mask)
+        assert torch.equal(a.logprobs, b.logprobs)
+        with torch.no_grad():
+            for p in policy.parameters():
+                if p.requires_grad:
+                    p.mul_(1.5)  # the next sync has something to carry
+
+
+def test_the_lean_decode_loop_is_used_only_where_it_is_exact():
+    from klbelt.rl.lean_decode import LeanDecoder, unsupported
+    from klbelt.rl.merged_sampler import MergedCopySampler
+    from tiny_models import tiny_gpt2
+
+    tok = word_tokenizer(WORDS)
+    ids, mask = _batch(tok)
+    llama = tiny_llama(len(tok))
+    assert "not 'klbelt_fp32'" in unsupported(llama)  # SDPA: Hugging Face's loop, as before
+    set_attention(llama, "klbelt_fp32")
+    assert unsupported(llama) is None
+    gpt2 = tiny_gpt2(len(tok))
+    set_attention(gpt2, "klbelt_fp32")
+    assert "model_type 'gpt2'" in unsupported(gpt2)
+    with pytest.raises(ValueError, match="LeanDecoder cannot run GPT2LMHeadModel: model_type 'gpt2'"):
+        LeanDecoder(gpt2)
+    with pytest.raises(ValueError, match="lean=True: klbelt's decode loop cannot run GPT2LMHeadModel"):
+        MergedCopySampler(torch.float32, lean=True)(gpt2, ids, mask, max_new_tokens=2)
+    sampler = MergedCopySampler(torch.float32)
+    sampler(gpt2, ids, mask, max_new_tokens=2)
+    assert sampler.decoder is None  # GPT-2 samples through Hugging Face
+    decoder = LeanDecoder(llama)
+    decoder.reserve(1)
+    out = decoder(input_ids=ids, attention_mask=mask, position_ids=ids * 0, cache=None, logits_to_keep=1)
+    step = dict(input_ids=ids[:, :1], attention_mask=torch.cat([mask, mask[:, :1]], 1), position_ids=ids[:, :1] * 0)
+    out = decoder(**step, cache=out["cache"])
+    with pytest.raises(ValueError, match="6 positions exceed the 5 reserved"):
+        decoder(**{**step, "attention_mask": torch.cat([mask, mask[:, :2]], 1)}, cache=out["cache"])

@@ -147,11 +147,13 @@ class MergedCopySampler:
     tests use). Buffers (rotary tables) are the policy's own, copied as they are.
     """
 
-    def __init__(self, dtype: torch.dtype = torch.bfloat16, pack: bool | None = None):
+    def __init__(self, dtype: torch.dtype = torch.bfloat16, pack: bool | None = None, lean: bool | None = None):
         if pack and not (dtype == torch.bfloat16 and packing_available()):
             raise ValueError(f"MergedCopySampler pack=True needs dtype bfloat16 and a CPU/torch with oneDNN bf16 (got dtype {dtype})")
         self.dtype = dtype
         self.pack = (dtype == torch.bfloat16 and packing_available()) if pack is None else bool(pack)
+        self.lean = lean  # klbelt's decode loop (LeanDecoder): None = where it can run the copy, True = required, False = never
+        self.decoder = None  # the LeanDecoder over the copy, when used
         self.copy = None
         self._targets: dict[str, torch.Tensor] = {}  # plain name -> the copy's tensor (unpacked weights)
         self._packed: dict[str, list[tuple[PackedLinear, str]]] = {}  # plain name -> (packed layer, "weight"/"bias")
@@ -213,6 +215,15 @@ class MergedCopySampler:
         self._packed = {}
         if self.pack:
             self._pack_linears(rows_hint, frozen)
+        self.decoder = None
+        if self.lean is not False:
+            from .lean_decode import LeanDecoder, unsupported
+
+            reason = unsupported(self.copy)
+            if reason is None:
+                self.decoder = LeanDecoder(self.copy)
+            elif self.lean:
+                raise ValueError(f"MergedCopySampler lean=True: klbelt's decode loop cannot run {type(self.copy).__name__}: {reason}")
 
     @torch.no_grad()
     def refresh(self, policy, rows_hint: int = 16) -> None:
@@ -233,9 +244,12 @@ class MergedCopySampler:
         """Sync the copy from ``policy``, then :func:`~klbelt.rl.rollout.sample` from it (log-probs are the copy's)."""
         self.refresh(policy, rows_hint=prompt_ids.shape[0])
         try:
+            if self.decoder is not None:
+                self.decoder.reserve(kwargs.get("max_new_tokens", 0))
+                return sample(self.decoder, prompt_ids, prompt_mask, **kwargs)
             return sample(self.copy, prompt_ids, prompt_mask, **kwargs)
         finally:
             self._release()
 
     def close(self) -> None:
-        self.copy, self._targets, self._packed = None, {}, {}
+        self.copy, self.decoder, self._targets, self._packed = None, None, {}, {}
