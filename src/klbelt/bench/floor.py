@@ -141,7 +141,8 @@ def english_floor(spec: dict) -> dict:
 
     The passes run with the demo's own choices, each timed alone: sampling from the
     sampler the config names (``"bf16-merged"``: the bf16 copy's weight sync plus a
-    KV-cached loop on it, its linear layers packed where the CPU allows; otherwise a
+    KV-cached loop on it, its linear layers packed where the CPU allows, through
+    klbelt's decode forward where the sampler uses it; otherwise a
     KV-cached loop on the LoRA policy, fp32), the base's linear weights held in bf16
     when the config says ``bf16_base``, the
     reference forward (adapters off; under bf16 autocast when the trainer scores the
@@ -169,7 +170,10 @@ def english_floor(spec: dict) -> dict:
     if cfg.sampler == "bf16-merged":
         copy = MergedCopySampler(torch.bfloat16)
         copy.refresh(policy)
-        loop = _sampler(copy.copy, copy.copy, ids, mask, R, torch.Generator().manual_seed(0), position_ids)
+        if copy.decoder is not None:  # klbelt's decode loop over the copy, as the demo samples
+            copy.decoder.reserve(R)
+        model = copy.decoder or copy.copy
+        loop = _sampler(model, model, ids, mask, R, torch.Generator().manual_seed(0), position_ids)
 
         def generate():
             copy.refresh(policy)
