@@ -160,7 +160,7 @@ def english_floor(spec: dict) -> dict:
     model, tok, prompts, cfg = english_work(spec)
     set_attention(model, cfg.attn_implementation)  # the demo's attention kernel
     policy = apply_lora(model, cfg.lora_rank, cfg.lora_alpha)
-    if cfg.bf16 and cfg.bf16_base and cfg.sampler != "policy":
+    if cfg.bf16 and cfg.bf16_base:  # (the config refuses it with the "policy" sampler)
         hold_base_in_bf16(policy)  # as the trainer does: exact under the autocast every pass below runs in
     opt = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=cfg.lr)
     batch = [p for p in prompts[: cfg.batch_size // cfg.group_size] for _ in range(cfg.group_size)]
@@ -172,8 +172,8 @@ def english_floor(spec: dict) -> dict:
         copy.refresh(policy)
         if copy.decoder is not None:  # klbelt's decode loop over the copy, as the demo samples
             copy.decoder.reserve(R)
-        model = copy.decoder or copy.copy
-        loop = _sampler(model, model, ids, mask, R, torch.Generator().manual_seed(0), position_ids)
+        sampling_model = copy.decoder or copy.copy
+        loop = _sampler(sampling_model, sampling_model, ids, mask, R, torch.Generator().manual_seed(0), position_ids)
 
         def generate():
             copy.refresh(policy)

@@ -50,6 +50,11 @@ def fp32_attention(module, query, key, value, attention_mask, scaling=None, drop
     return out.to(query.dtype).transpose(1, 2).contiguous(), probs
 
 
+def _check(name: str) -> None:
+    if name not in CHOICES:
+        raise ValueError(f"attn_implementation must be one of {', '.join(map(repr, CHOICES))}; got {name!r}")
+
+
 def register() -> None:
     """Make ``"klbelt_fp32"`` a valid ``attn_implementation`` of every Hugging Face model (idempotent)."""
     from transformers import AttentionInterface
@@ -73,8 +78,7 @@ def set_attention(model, name: str) -> str | None:
     ``"model"`` leaves it as it is. Raises ``ValueError`` for another name, or a model
     that has no Hugging Face attention switch.
     """
-    if name not in CHOICES:
-        raise ValueError(f"attn_implementation must be one of {', '.join(map(repr, CHOICES))}; got {name!r}")
+    _check(name)
     previous = current(model)
     if name == "model":
         return previous
@@ -91,8 +95,7 @@ def set_attention(model, name: str) -> str | None:
 
 def set_attention_of(models, name: str) -> list[tuple]:
     """:func:`set_attention` on each of ``models`` (``None`` skipped); returns what :func:`restore_attention` needs."""
-    if name not in CHOICES:
-        raise ValueError(f"attn_implementation must be one of {', '.join(map(repr, CHOICES))}; got {name!r}")
+    _check(name)
     if name == "model":
         return []
     return [(m, set_attention(m, name)) for m in models if m is not None]

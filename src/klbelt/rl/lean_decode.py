@@ -5,10 +5,10 @@ small model's decode step outside the matrix products: building the 4D mask,
 growing the cache by concatenation, and the Python of its module calls and
 output bookkeeping. On SmolLM2 at 16 sequences the decode loop took 1.45 s for
 24 tokens of which the linear layers were 0.63 s (``torch.profiler``; the
-rest was Python and small ops). :class:`LeanDecoder` runs the same modules'
-weights with the same operations in the same order (RMSNorm in fp32, rotary
-embedding from the model's own rotary module, klbelt's fp32 attention), over a
-cache allocated once per rollout and written in place. It is used by the
+rest was Python and small ops). :class:`LeanDecoder` calls the model's own
+pieces in the order its decoder layers do (its norms, projections, MLPs, rotary
+module and modeling file's ``apply_rotary_pos_emb``, with klbelt's fp32
+attention), over a cache allocated once per rollout and written in place. It is used by the
 ``bf16-merged`` sampler when the copy's attention is ``klbelt_fp32`` and its
 architecture is one of the above; anything else samples through Hugging Face.
 
@@ -18,6 +18,8 @@ logits of the kept positions and the cache.
 """
 
 from __future__ import annotations
+
+import sys
 
 import torch
 
@@ -45,24 +47,11 @@ def unsupported(model) -> str | None:
     for layer in body.layers:
         attn, mlp = getattr(layer, "self_attn", None), getattr(layer, "mlp", None)
         if attn is None or mlp is None or not all(hasattr(attn, n) for n in ("q_proj", "k_proj", "v_proj", "o_proj", "scaling")) \
-                or not all(hasattr(mlp, n) for n in ("gate_proj", "up_proj", "down_proj", "act_fn")):
+                or not hasattr(layer, "input_layernorm") or not hasattr(layer, "post_attention_layernorm"):
             return f"{type(layer).__name__} is not a Llama decoder layer"
         if getattr(attn, "q_norm", None) is not None or getattr(attn, "k_norm", None) is not None:
             return "query/key norms (not in Llama)"
     return None
-
-
-def _rms_norm(norm, hidden: torch.Tensor) -> torch.Tensor:
-    """Llama's RMSNorm, its operations in its order: fp32 statistics, the weight times the input-dtype result."""
-    dtype = hidden.dtype
-    x = hidden.to(torch.float32)
-    x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + norm.variance_epsilon)
-    return norm.weight * x.to(dtype)
-
-
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
 class _Output(dict):
@@ -94,6 +83,7 @@ class LeanDecoder:
         if reason is not None:
             raise ValueError(f"LeanDecoder cannot run {type(model).__name__}: {reason}")
         self.model = model
+        self.apply_rotary = sys.modules[type(model.model.layers[0].self_attn).__module__].apply_rotary_pos_emb
         body = model.model
         self.embed, self.layers, self.norm, self.rotary, self.head = body.embed_tokens, list(body.layers), body.norm, body.rotary_emb, model.lm_head
         config = model.config
@@ -126,23 +116,20 @@ class LeanDecoder:
             keep = keep & causal
         mask = torch.zeros(keep.shape, dtype=torch.float32, device=hidden.device).masked_fill_(~keep, torch.finfo(torch.float32).min)
         cos, sin = self.rotary(hidden, position_ids)
-        cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
         H, Hkv, D = self.heads, self.kv_heads, self.head_dim
         for i, layer in enumerate(self.layers):
-            attn, mlp = layer.self_attn, layer.mlp
-            x = _rms_norm(layer.input_layernorm, hidden)
+            attn = layer.self_attn
+            x = layer.input_layernorm(hidden)
             q = attn.q_proj(x).view(B, T, H, D).transpose(1, 2)
             k = attn.k_proj(x).view(B, T, Hkv, D).transpose(1, 2)
             v = attn.v_proj(x).view(B, T, Hkv, D).transpose(1, 2)
-            q = (q * cos) + (_rotate_half(q) * sin)
-            k = (k * cos) + (_rotate_half(k) * sin)
+            q, k = self.apply_rotary(q, k, cos, sin)
             keys, values = cache.keys[i], cache.values[i]
             keys[:, :, start:end] = k
             values[:, :, start:end] = v
             out, _ = fp32_attention(attn, q, keys[:, :, :end], values[:, :, :end], mask, scaling=attn.scaling)
             hidden = hidden + attn.o_proj(out.reshape(B, T, H * D))
-            x = _rms_norm(layer.post_attention_layernorm, hidden)
-            hidden = hidden + mlp.down_proj(mlp.act_fn(mlp.gate_proj(x)) * mlp.up_proj(x))
+            hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
         cache.length = end
         if logits_to_keep is None:
             kept = hidden
@@ -150,4 +137,4 @@ class LeanDecoder:
             kept = hidden[:, logits_to_keep]
         else:
             kept = hidden[:, -int(logits_to_keep):] if logits_to_keep else hidden
-        return _Output(logits=self.head(_rms_norm(self.norm, kept)), cache=cache)
+        return _Output(logits=self.head(self.norm(kept)), cache=cache)

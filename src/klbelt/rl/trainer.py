@@ -17,12 +17,12 @@ from typing import Callable
 
 import torch
 
+from .attention import restore_attention, set_attention_of
 from .config import TrainConfig
 from .critic import ValueModel
 from .distributed import World
 from .io import check_writable
 from .lora import Reference, apply_lora, hold_base_in_bf16, is_lora, resolve_bf16, restore_fp32
-from .attention import restore_attention, set_attention_of
 from .rollout import set_fused_head
 from .run_files import RunFiles, write_run_report
 from .run_state import RunState, checkpoint_bytes, fingerprint, make_controller
@@ -123,9 +123,9 @@ def train(
     train_policy, train_critic = world.wrap(policy), world.wrap(critic) if critic else None
     rows = world.shard(cfg.batch_size)  # this rank's rows of the global batch
 
-    # Every pass on a LoRA base runs under bf16 autocast (sampler not "policy"): its linear weights can be
-    # stored as the bf16 values autocast reads (exact; fp32 again, with those values, when the run ends).
-    held = hold_base_in_bf16(policy) if use_bf16 and cfg.bf16_base and reference.shared and cfg.sampler != "policy" else []
+    # Every pass on a LoRA base runs under bf16 autocast (the config refuses bf16_base with the "policy" sampler):
+    # its linear weights can be stored as the bf16 values autocast reads (exact; fp32 again, with those values, at the end).
+    held = hold_base_in_bf16(policy) if use_bf16 and cfg.bf16_base and reference.shared else []
     history = []
     try:
         for step in range(start, cfg.steps):
