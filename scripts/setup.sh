@@ -24,6 +24,11 @@ fi
 # and shadows trl only: tests/test_integrations_trl.py reruns itself with it (the system keeps TRL 1.0.0,
 # the last with PPOTrainer). Git-ignored; about 13 s here.
 "$PY" -m venv --system-site-packages .venv-trl-latest
+# --system-site-packages means the base interpreter's packages, not those of a venv this script runs in:
+# a .pth line makes the TRL venv see this interpreter's site-packages too, after its own (so trl is shadowed)
+outer=$("$PY" -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")
+inner=$(.venv-trl-latest/bin/python -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")
+echo "import site; site.addsitedir('$outer')" > "$inner/klbelt_outer_env.pth"
 .venv-trl-latest/bin/python -m pip install -q "trl==1.16.0"
 # pyenv keeps shims for console scripts; refresh them so `klbelt` is on PATH.
 if command -v pyenv >/dev/null 2>&1; then pyenv rehash || true; fi

@@ -43,3 +43,50 @@ def test_sweep_rejects_bad_betas(capsys):
         main(["sweep", "--betas", "0,-1"])
     assert exit_info.value.code == 2
     assert "argument --betas: betas must be finite numbers >= 0, got '0,-1'" in capsys.readouterr().err
+
+
+def _history(proxy, gold, kl=0.05):
+    return [{"step": i, "reward": p, "gold_reward": g, "kl": kl, "kl_seq": kl * 24, "kl_coef": 0.1, "exclaim_rate": 0.0,
+             "distinct_2": 0.9, "ref_nll": 3.0, "entropy": 2.0} for i, (p, g) in enumerate(zip(proxy, gold))]
+
+
+def test_verdict_says_inconclusive_when_the_runs_own_noise_hides_the_trend():
+    import random
+
+    from klbelt.demo.task import summarise, verdict
+
+    rng = random.Random(0)
+    trend = [0.1 + 0.01 * i for i in range(36)]  # +0.3 over the run
+    quiet = _history([t + rng.gauss(0, 0.02) for t in trend], [t + rng.gauss(0, 0.02) for t in trend])
+    assert verdict(summarise(quiet), quiet).startswith("improving: proxy +0.")
+    # no trend under noise of sd 0.3 per update: a confident word would be a guess, and the old point reading
+    # (history=None) guessed often
+    words_new, words_old = [], []
+    for _ in range(40):
+        noisy = _history([0.1 + rng.gauss(0, 0.3) for _ in range(36)], [0.1 + rng.gauss(0, 0.3) for _ in range(36)])
+        words_new.append(verdict(summarise(noisy), noisy).split(":")[0])
+        words_old.append(verdict(summarise(noisy)).split(":")[0])
+    confident = ("improving", "reward hacking", "getting worse", "proxy up, gold unclear")
+    assert sum(w in confident for w in words_new) <= 8, words_new
+    assert sum(w.startswith("inconclusive") for w in words_new) >= 28, words_new
+    assert sum(w in confident for w in words_old) >= 10, words_old
+    flat = _history([0.1 + rng.gauss(0, 0.02) for _ in range(36)], [0.1 + rng.gauss(0, 0.02) for _ in range(36)])
+    assert verdict(summarise(flat), flat).startswith("little change")
+    hacked = _history(trend, [0.3 - 0.01 * i + rng.gauss(0, 0.02) for i in range(36)])
+    assert verdict(summarise(hacked), hacked).startswith("reward hacking")
+    assert verdict(summarise(quiet[:4]), quiet[:4]).startswith("inconclusive: 4 updates are too few")
+
+
+def test_change_interval_covers_the_true_shift_about_95_percent_of_the_time():
+    import random
+
+    from klbelt.demo.task import change
+
+    rng = random.Random(1)
+    covered = 0
+    for trial in range(200):
+        h = [{"reward": (0.2 if i >= 30 else 0.0) + rng.gauss(0, 0.1)} for i in range(36)]
+        c = change(h, "reward", 6, n_boot=400, seed=trial)
+        covered += c["lo"] <= 0.2 <= c["hi"]
+    # a percentile bootstrap over 6 values per window is a little narrow; it must not be far off 95%
+    assert 0.85 <= covered / 200 <= 0.99, covered

@@ -3,7 +3,9 @@
 Run with the code before a refactor (``python tests/data/make_trainer_golden.py``);
 ``tests/test_trainer_golden.py`` then runs the same configurations with the current
 code and compares every metric: bit for bit on a machine like the one that
-recorded them (same torch version and CPU capability), else within rel 1e-4.
+recorded them (same ``klbelt._machine.float_kernel_signature``: torch version,
+CPU capability, bf16 support, CPU vendor, model and ISA extensions), else the
+fp32 runs within rel 1e-4.
 The configurations cover every option ``train()`` chooses before its loop:
 critic (GAE) or group baseline, KL in the reward or the loss, each controller,
 LoRA with bf16, the bf16 sampler with each rollout correction, log-ratio
@@ -70,10 +72,10 @@ def score(texts):
 
 
 def signature() -> dict:
-    from klbelt.rl.lora import bf16_supported
+    """torch, its CPU capability, bf16 support, and the CPU's vendor, model and dispatch ISA extensions."""
+    from klbelt._machine import float_kernel_signature
 
-    return {"torch": torch.__version__, "cpu_capability": torch.backends.cpu.get_cpu_capability(),
-            "bf16_supported": bool(bf16_supported())}
+    return float_kernel_signature()
 
 
 def strip(records: list[dict]) -> list[dict]:

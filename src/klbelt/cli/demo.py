@@ -25,6 +25,10 @@ def add_parser(sub) -> None:
     p.add_argument("--controller", choices=("fixed", "adaptive", "proportional", "pid"), default=None)
     p.add_argument("--target-kl", type=float, default=None, help="controller target, nats/token (default: 0.05)")
     p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--seeds", default=None, metavar="A-B",
+                   help="run the demo once per seed ('0-4' or '0,2,5'), each in OUT/seedS, and print one table of "
+                        "what the story needs: second-half KL against the target, proxy and gold over the first and "
+                        "last 6 updates, English before and after, minutes per run (also OUT/seeds.json)")
     p.add_argument("--resume", metavar="DIR", nargs="?", const=True, default=None,
                    help="continue the run in DIR from its checkpoint, as in klbelt train (DIR defaults to --out)")
     p.set_defaults(func=run)
@@ -40,6 +44,10 @@ def run(args) -> int:
         if value is not None:
             overrides[name] = value
     cfg = replace(task_for(args.model).config, **overrides)
+    if args.seeds is not None:
+        if args.seed is not None or args.resume:
+            raise ValueError("--seeds runs one demo per seed: it cannot be combined with --seed or --resume")
+        return run_seeds(cfg, parse_seeds(args.seeds))
     print(f"klbelt demo: {cfg.model}, {cfg.steps} PPO updates x {cfg.batch_size} continuations of {cfg.max_new_tokens} tokens, "
           f"{cfg.controller} KL controller (target {cfg.target_kl} nats/token, beta starts at {cfg.kl_coef})")
     summary = run_demo(cfg, resume=bool(args.resume), on_step=Progress(cfg.steps))
@@ -72,3 +80,95 @@ def print_summary(summary: dict, out: str) -> None:
             print(f"  [proxy {smp['reward']:+.2f} gold {smp['gold_reward']:+.2f}] {text}")
     print(f"\nWrote {out}/: metrics.jsonl, samples.jsonl, token_kl.jsonl, config.json, checkpoint.pt, summary.json, policy/, report.html")
     print(f"Look at the run: open {out}/report.html, or run  klbelt doctor {out}")
+
+
+def parse_seeds(text: str) -> list[int]:
+    """``"0-4"`` -> [0, 1, 2, 3, 4]; ``"0,2,5"`` -> [0, 2, 5]."""
+    try:
+        if "-" in text:
+            lo, hi = (int(x) for x in text.split("-"))
+            seeds = list(range(lo, hi + 1))
+        else:
+            seeds = [int(x) for x in text.split(",")]
+    except ValueError:
+        raise ValueError(f"--seeds must be 'A-B' or a comma list of ints, got {text!r}") from None
+    if not seeds or min(seeds) < 0:
+        raise ValueError(f"--seeds must name at least one seed >= 0, got {text!r}")
+    return seeds
+
+
+def seed_row(seed: int, history: list[dict], summary: dict, target_kl: float, minutes: float) -> dict:
+    """What the demo's story needs from one run, measured from its metrics (windows of 6 updates)."""
+    import statistics
+
+    n = len(history)
+    kl = [h["kl"] for h in history]
+    w = min(6, n // 2)
+    first, last = history[:w], history[n - w:]
+    smooth = [statistics.fmean(kl[max(0, i - 2): i + 1]) for i in range(n)]
+    return {
+        "seed": seed,
+        "second_half_kl": statistics.fmean(kl[n // 2:]),
+        "second_half_kl_k3": statistics.fmean(h["kl_k3"] for h in history[n // 2:]) if "kl_k3" in history[0] else None,
+        "late_peak": max(smooth[8:], default=float("nan")) / target_kl,
+        "min_beta_first5": min(h["kl_coef"] for h in history[:5]),
+        "proxy_first": statistics.fmean(h["reward"] for h in first),
+        "proxy_last": statistics.fmean(h["reward"] for h in last),
+        "gold_first": statistics.fmean(h["gold_reward"] for h in first),
+        "gold_last": statistics.fmean(h["gold_reward"] for h in last),
+        "english_before": summary.get("english_share", {}).get("before"),
+        "english_after": summary.get("english_share", {}).get("after"),
+        "median_update_s": statistics.median(h["seconds"] for h in history),
+        "minutes": minutes,
+        "verdict": summary["verdict"],
+    }
+
+
+def run_seeds(cfg, seeds: list[int]) -> int:
+    """One demo per seed, then the table of the story's criteria (also written to OUT/seeds.json)."""
+    import json
+    import time
+    from pathlib import Path
+
+    from .._machine import cpu_name
+    from ..demo.task import run_demo
+    from ..rl.io import atomic_write_text
+    from .progress import Progress
+
+    out = Path(cfg.out)
+    print(f"klbelt demo --seeds: {cfg.model}, seeds {seeds}, {cfg.steps} updates x {cfg.batch_size} continuations, "
+          f"{cfg.controller} controller, target {cfg.target_kl} nats/token; CPU: {cpu_name()}")
+    rows = []
+    for seed in seeds:
+        run_cfg = replace(cfg, seed=seed, out=str(out / f"seed{seed}"))
+        history: list[dict] = []
+        progress = Progress(run_cfg.steps, label=f"seed {seed} ")
+
+        def on_step(record, progress=progress, history=history):
+            history.append(record)
+            progress(record)
+
+        t0 = time.perf_counter()
+        summary = run_demo(run_cfg, on_step=on_step)
+        rows.append(seed_row(seed, history, summary, cfg.target_kl, (time.perf_counter() - t0) / 60))
+        atomic_write_text(out / "seeds.json", json.dumps({"cpu": cpu_name(), "rows": rows}, indent=1) + "\n")
+    print_seed_table(rows, cfg.target_kl)
+    return 0
+
+
+def print_seed_table(rows: list[dict], target_kl: float, band: float = 0.2) -> None:
+    lo, hi = target_kl * (1 - band), target_kl * (1 + band)
+    print(f"\n{'seed':>4} {'KL 2nd half':>11} {'in band':>7} {'peak':>5} {'proxy first6 -> last6':>22} "
+          f"{'gold first6 -> last6':>21} {'English':>11} {'s/update':>8} {'min':>5}  verdict")
+    for r in rows:
+        eng = f"{r['english_before']:.2f}/{r['english_after']:.2f}" if r["english_before"] is not None else "-"
+        print(f"{r['seed']:>4} {r['second_half_kl']:>11.4f} {'yes' if lo <= r['second_half_kl'] <= hi else 'no':>7} "
+              f"{r['late_peak']:>4.2f}x {r['proxy_first']:>+10.3f} -> {r['proxy_last']:>+7.3f} "
+              f"{r['gold_first']:>+9.3f} -> {r['gold_last']:>+7.3f} {eng:>11} {r['median_update_s']:>8.2f} "
+              f"{r['minutes']:>5.2f}  {r['verdict'].split(':')[0]}")
+    n = len(rows)
+    in_band = sum(lo <= r["second_half_kl"] <= hi for r in rows)
+    both_up = sum(r["proxy_last"] > r["proxy_first"] and r["gold_last"] > r["gold_first"] for r in rows)
+    print(f"second-half KL within +-{band:.0%} of {target_kl:g} ({lo:.3f}-{hi:.3f}): {in_band}/{n}; proxy and gold both "
+          f"higher over the last 6 updates than the first 6: {both_up}/{n}; peak = largest 3-update mean KL after "
+          f"update 8 over the target")

@@ -48,6 +48,17 @@ def add_parser(sub) -> None:
                    help="run step, proportional and PID controllers on the same target with sampled gradients")
     p.add_argument("--every", type=int, default=25, help="print the beta trajectory every N updates (comparison)")
     p.add_argument("--json", action="store_true", help="print JSON")
+    g = p.add_argument_group("the English demo's plant (--plant demo)")
+    g.add_argument("--plant", choices=("demo",), default=None,
+                   help="run the controller on a noisy plant with the English demo's measured dynamics and noise "
+                        "(36 updates, one Adam step each, KL 0 at the first observation) over --seeds, and print "
+                        "the step response and the demo's criteria (klbelt.sim.plant)")
+    g.add_argument("--seeds", default="0-19", help="plant seeds: 'A-B' or a comma list (default 0-19)")
+    g.add_argument("--pid-gains", type=comma_floats, default=None, help="kp,ki,kd of --controller pid (default 0.05,0.02,1.0)")
+    g.add_argument("--pid-warmup", type=int, default=0, help="pid: updates with beta >= --kl-coef at the start")
+    g.add_argument("--pid-smoothing", type=float, default=0.8, help="pid: EMA weight on the past KL (P and D terms)")
+    g.add_argument("--pid-min-kl-coef", type=float, default=0.0, help="pid: floor on beta")
+    g.add_argument("--observe", choices=("k1", "k3"), default="k1", help="plant: the estimator the controller is fed")
     p.set_defaults(func=run)
 
 
@@ -58,6 +69,8 @@ def run(args) -> int:
     ref = list(compare.DEFAULT_REF) if args.ref is None else args.ref
     reward = list(compare.DEFAULT_REWARD) if args.reward is None else args.reward
     try:
+        if args.plant:
+            return _plant(args)
         if args.compare_controllers:
             return _compare(args, ref, reward)
         if args.controller == "fixed":
@@ -68,7 +81,7 @@ def run(args) -> int:
             if args.controller == "adaptive":
                 controller = AdaptiveKLController(args.kl_coef, args.target_kl, args.horizon, rule=args.rule)
             else:
-                controller = PIDKLController(args.kl_coef, args.target_kl)
+                controller = _pid(args, args.target_kl)
         lr = args.lr if args.lr is not None else (0.1 if args.gradient == "exact" else 0.02)
         res = testbed.simulate(
             ref, reward, controller, steps=_default(args.steps, 200), inner_steps=_default(args.inner_steps, 10),
@@ -107,6 +120,75 @@ def run(args) -> int:
         print("closed-form policy    " + ", ".join(f"{p:.4f}" for p in best.probs))
     if args.controller != "fixed":
         print(f"target KL {args.target_kl:g}: the optimum reaches it at beta = {out['kl_coef_for_target']:.6g}")
+    return 0
+
+
+def _pid(args, target_kl: float):
+    from ..control import PIDKLController
+
+    gains = {}
+    if args.pid_gains is not None:
+        if len(args.pid_gains) != 3:
+            raise ValueError(f"--pid-gains must be three numbers kp,ki,kd, got {args.pid_gains}")
+        gains = dict(zip(("kp", "ki", "kd"), args.pid_gains))
+    return PIDKLController(args.kl_coef, target_kl, smoothing=args.pid_smoothing, min_kl_coef=args.pid_min_kl_coef,
+                           warmup=args.pid_warmup, **gains)
+
+
+def _seeds(text: str) -> list[int]:
+    try:
+        if "-" in text:
+            lo, hi = (int(x) for x in text.split("-"))
+            seeds = list(range(lo, hi + 1))
+        else:
+            seeds = [int(x) for x in text.split(",")]
+    except ValueError:
+        raise ValueError(f"--seeds must be 'A-B' or a comma list of ints, got {text!r}") from None
+    if not seeds:
+        raise ValueError(f"--seeds names no seed: {text!r}")
+    return seeds
+
+
+def _plant(args) -> int:
+    """The demo plant: one run per seed, the step response of the first, and the demo's criteria over all."""
+    from dataclasses import replace
+
+    from ..control import AdaptiveKLController, FixedKLController
+    from ..sim.plant import DEMO_PLANT, run_seeds
+
+    target = 0.05 if args.target_kl is None else args.target_kl
+    if args.controller == "pid":
+        make = lambda: _pid(args, target)  # noqa: E731
+    elif args.controller == "adaptive":
+        make = lambda: AdaptiveKLController(args.kl_coef, target, args.horizon, rule=args.rule)  # noqa: E731
+    else:
+        make = lambda: FixedKLController(args.kl_coef)  # noqa: E731
+    make()  # bad settings fail here, before any run
+    plant = replace(DEMO_PLANT, observe_estimator=args.observe, **({"steps": args.steps} if args.steps else {}))
+    rows = run_seeds(make, _seeds(args.seeds), plant)
+    crit = ("second_half_kl", "min_early_beta", "late_peak")
+    passed = {k: sum(r["passed"][k] for r in rows) for k in crit}
+    if args.json:
+        print(json.dumps({"plant": vars(plant), "target_kl": target, "controller": make().state_dict()["config"],
+                          "passed": passed, "runs": rows}))
+        return 0
+    first = rows[0]
+    print(f"Demo plant ({plant.n_responses} responses, Adam lr {plant.lr:g}, {plant.batch_size} samples per update, "
+          f"controller fed the mean {plant.observe_estimator} of {plant.observe_samples} tokens), target "
+          f"{target:g} nats/token, {make()!r}")
+    print(f"step response, seed {first['seed']} (beta during the update; observed and true KL):")
+    print(f"{'update':>6} {'beta':>8} {'observed':>9} {'true KL':>8}")
+    true_before = [0.0] + first["kl"][:-1]  # the policy each update observed: as it was before the update's step
+    for k, (b, o, t) in enumerate(zip(first["kl_coef"], first["observed_kl"], true_before)):
+        print(f"{k:>6} {b:>8.4f} {o:>9.4f} {t:>8.4f}")
+    print()
+    print(f"{'seed':>4} {'2nd-half KL':>11} {'min beta 0-4':>12} {'late peak':>9} {'tail in band':>12}")
+    for r in rows:
+        print(f"{r['seed']:>4} {r['second_half_kl']:>11.4f} {r['min_early_beta']:>12.4f} {r['late_peak']:>8.2f}x "
+              f"{r['tail_in_band']:>12.2f}")
+    n = len(rows)
+    print(f"runs passing: second-half KL within +-20% {passed['second_half_kl']}/{n}; beta > 0 over updates 0-4 "
+          f"{passed['min_early_beta']}/{n}; 3-update KL mean <= 1.5x target after update 8 {passed['late_peak']}/{n}")
     return 0
 
 

@@ -29,22 +29,26 @@ def add_parser(sub) -> None:
 def run(args) -> int:
     from dataclasses import replace
 
-    from ..demo.task import SWEEP_STEPS, run_sweep, task_for
+    from ..demo.task import SWEEP_BATCH, SWEEP_STEPS, run_sweep, task_for
     from .progress import Progress
 
     betas = args.betas
     if args.seeds < 1:
         raise ValueError(f"--seeds must be >= 1, got {args.seeds}")
     task = task_for(args.model)
-    base = replace(task.config, steps=args.steps or SWEEP_STEPS.get(task.name, task.config.steps))
+    base = replace(task.config, steps=args.steps or SWEEP_STEPS.get(task.name, task.config.steps),
+                   batch_size=SWEEP_BATCH.get(task.name, task.config.batch_size))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    print(f"klbelt sweep: {base.model}, betas {betas} x {args.seeds} seed(s), {base.steps} updates each, fixed beta")
-    header = f"{'beta':>6} {'seed':>4} {'reward':>7} {'gold':>7} {'KL/tok':>8} {'!/100ch':>8} {'dist-2':>7}  verdict"
+    print(f"klbelt sweep: {base.model}, betas {betas} x {args.seeds} seed(s), {base.steps} updates of "
+          f"{base.batch_size} continuations each, fixed beta; one row per (beta, seed), start -> end")
+    header = (f"{'beta':>6} {'seed':>4} {'proxy':>15} {'gold':>15} {'best gold':>9} {'KL/tok':>8} {'!/100ch':>8} "
+              f"{'dist-2':>7}  verdict")
 
     def on_run(row):
-        print(f"{row['beta']:>6g} {row['seed']:>4} {row['reward']:>+7.3f} {row['gold_reward']:>+7.3f} {row['kl']:>8.4f} "
-              f"{row['exclaim_rate']:>8.2f} {row['distinct_2']:>7.3f}  {row['verdict']}", flush=True)
+        print(f"{row['beta']:>6g} {row['seed']:>4} {row['start_reward']:>+6.3f} -> {row['reward']:>+6.3f} "
+              f"{row['start_gold_reward']:>+6.3f} -> {row['gold_reward']:>+6.3f} {row['best_gold_reward']:>+9.3f} "
+              f"{row['kl']:>8.4f} {row['exclaim_rate']:>8.2f} {row['distinct_2']:>7.3f}  {row['verdict']}", flush=True)
 
     progress = {"bar": None}
 

@@ -287,15 +287,15 @@ class PIDKLController(_Controller):
 
     .. math::
         e_k = K_k / K^* - 1, \qquad
-        I_k = \mathrm{clip}(I_{k-1} + k_I\, e_k,\ 0,\ \beta_{max}), \qquad
+        I_k = \mathrm{clip}(I_{k-1} + k_I\, e_k,\ \beta_{min},\ \beta_{max}), \qquad
         D_k = \max(0,\ \bar K_k - \bar K_{k-1}) / K^*,
 
-        \beta_k = \mathrm{clip}(k_P\, \bar e_k + I_k + k_D\, D_k,\ 0,\ \beta_{max})
+        \beta_k = \mathrm{clip}(k_P\, \bar e_k + I_k + k_D\, D_k,\ \beta_{min},\ \beta_{max})
 
     where :math:`\bar K` is an exponential moving average of the observed KL
     (weight ``smoothing`` on the past; 0 = no smoothing) used by the P and D
     terms, :math:`\bar e_k = \bar K_k / K^* - 1`, and :math:`I_0` =
-    ``init_kl_coef``. Clipping the integral to :math:`[0, \beta_{max}]` is
+    ``init_kl_coef``. Clipping the integral to :math:`[\beta_{min}, \beta_{max}]` is
     the anti-windup: the multiplier never stores debt it cannot pay out. As
     in the paper the derivative acts only on increases of the KL.
     With ``kp = kd = 0`` this is projected dual ascent on the Lagrangian
@@ -305,6 +305,19 @@ class PIDKLController(_Controller):
     Each ``update`` call is one control iteration: ``n_steps`` is validated
     and otherwise ignored, so gains are "per update", whatever the batch size.
 
+    Start-up (``warmup``). An RLHF trainer measures the KL of rollouts drawn
+    *before* each update, so the first observation is exactly 0 and the next
+    few are small while the policy leaves the reference: relative error -1,
+    which would send beta to 0 at once and let the KL overshoot (measured on
+    the English demo: beta 0 for four updates, then KL 3.7x the target and
+    beta wound up to 0.7). For the first ``warmup`` updates the integral only
+    takes positive errors (conditional integration), beta stays at least
+    ``init_kl_coef``, and the P/D average is the last observation itself
+    (no EMA memory of the start's zeros).
+
+    ``min_kl_coef`` is a floor on beta and on the integral: a noisy run of
+    low KL estimates cannot drive beta to 0, where the policy runs free.
+
     Args:
         init_kl_coef: initial beta >= 0 (the integral's starting value).
         target_kl: target KL > 0, in ``unit``.
@@ -312,6 +325,9 @@ class PIDKLController(_Controller):
         unit: ``"token-mean"`` or ``"seq-sum"``.
         max_kl_coef: upper bound on beta (``None``: unbounded).
         smoothing: EMA weight in [0, 1) for the P and D terms.
+        min_kl_coef: lower bound on beta and on the integral (default 0).
+        warmup: updates at the start during which beta does not fall below
+            ``init_kl_coef`` (default 0: off).
     """
 
     _state = ("kl_coef", "n_updates", "integral", "smoothed_kl")
@@ -327,6 +343,8 @@ class PIDKLController(_Controller):
         unit: str = "token-mean",
         max_kl_coef: float | None = None,
         smoothing: float = 0.8,
+        min_kl_coef: float = 0.0,
+        warmup: int = 0,
     ):
         self.unit = _checks.choice("unit", unit, UNITS)
         self.target_kl = _number("target_kl", target_kl, positive=True)
@@ -334,12 +352,20 @@ class PIDKLController(_Controller):
         self.ki = _number("ki", ki, nonnegative=True)
         self.kd = _number("kd", kd, nonnegative=True)
         self.max_kl_coef = _bound("max_kl_coef", max_kl_coef, math.inf)
+        self.min_kl_coef = _bound("min_kl_coef", min_kl_coef, 0.0)
+        if self.min_kl_coef > self.max_kl_coef:
+            raise ValueError(f"min_kl_coef ({self.min_kl_coef}) must be <= max_kl_coef ({self.max_kl_coef})")
         self.smoothing = _number("smoothing", smoothing, nonnegative=True)
         if self.smoothing >= 1:
             raise ValueError(f"smoothing must be in [0, 1), got {self.smoothing}")
+        if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 0:
+            raise ValueError(f"warmup must be an int >= 0 (updates), got {warmup!r}")
+        self.warmup = warmup
         init = _number("init_kl_coef", init_kl_coef, nonnegative=True)
         if init > self.max_kl_coef:
             raise ValueError(f"init_kl_coef must be <= max_kl_coef ({self.max_kl_coef}), got {init}")
+        if init < self.min_kl_coef:
+            raise ValueError(f"init_kl_coef must be >= min_kl_coef ({self.min_kl_coef}), got {init}")
         self.init_kl_coef = init
         self.kl_coef = init
         self.integral = init
@@ -356,6 +382,8 @@ class PIDKLController(_Controller):
             "unit": self.unit,
             "max_kl_coef": _json_bound(self.max_kl_coef),
             "smoothing": self.smoothing,
+            "min_kl_coef": self.min_kl_coef,
+            "warmup": self.warmup,
         }
 
     def _check_state(self, key: str, value):
@@ -367,12 +395,20 @@ class PIDKLController(_Controller):
         """Feed the observed KL (in ``unit``); return the new beta. ``n_steps`` is not used."""
         kl = _number("observed_kl", _observed(observed_kl, current_kl))
         _n_steps(n_steps)
+        warming = self.n_updates < self.warmup
         previous = self.smoothed_kl
-        smoothed = kl if previous is None else self.smoothing * previous + (1.0 - self.smoothing) * kl
-        self.integral = min(max(self.integral + self.ki * (kl / self.target_kl - 1.0), 0.0), self.max_kl_coef)
+        if previous is None or warming:
+            smoothed = kl
+        else:
+            smoothed = self.smoothing * previous + (1.0 - self.smoothing) * kl
+        error = kl / self.target_kl - 1.0
+        if warming:
+            error = max(error, 0.0)
+        self.integral = min(max(self.integral + self.ki * error, self.min_kl_coef), self.max_kl_coef)
         rise = 0.0 if previous is None else max(0.0, smoothed - previous) / self.target_kl
         beta = self.kp * (smoothed / self.target_kl - 1.0) + self.integral + self.kd * rise
-        self.kl_coef = min(max(beta, 0.0), self.max_kl_coef)
+        floor = max(self.min_kl_coef, self.init_kl_coef) if warming else self.min_kl_coef
+        self.kl_coef = min(max(beta, floor), self.max_kl_coef)
         self.smoothed_kl = smoothed
         self.n_updates += 1
         return self.kl_coef

@@ -83,6 +83,14 @@ ENGLISH_DEMO_CONFIG = replace(
     # measured, 3 seeds each (second-half KL, target 0.05): the default gains [0.05, 0.02, 1.0] ran
     # high (0.071, 0.060, 0.058); kp 0.12 centres it (README, "The article's story in English")
     pid_gains=[0.12, 0.02, 1.0],
+    # Tuned in `klbelt sim --plant demo` (docs/controller.md), a plant with the demo's measured dynamics and noise:
+    # the KL of the first updates is 0 (policy = reference), which without a warm-up sent beta to 0 and let the KL
+    # overshoot to 3.7x the target on an Intel Xeon; k3 is as unbiased as k1 on the policy's tokens and its
+    # per-update noise was 0.07 of the KL against k1's 0.32 on this task (16 x 24 tokens); a shorter EMA follows it.
+    pid_warmup=6,
+    pid_smoothing=0.5,
+    pid_min_kl_coef=0.02,
+    controller_estimator="k3",
     target_kl=0.05,
     checkpoint_every=12,
     samples_every=6,
@@ -91,6 +99,7 @@ ENGLISH_DEMO_CONFIG = replace(
 
 
 SWEEP_STEPS = {"english": 24}  # updates per sweep run (8 runs of the English task in 30 minutes)
+SWEEP_BATCH = {"english": 16}  # continuations per sweep update: the sweep's fixed-beta runs as measured since 2026-11
 
 
 @dataclass(frozen=True)
@@ -185,8 +194,38 @@ def summarise(history: list[dict], window: int | None = None) -> dict:
     return {"steps": n, "window": window, "start": start, "end": end, "best_gold_reward": best, "gold_step_noise": noise}
 
 
-def verdict(summary: dict) -> str:
-    """A one-line reading of a run, from its measured numbers only."""
+def change(history: list[dict], key: str, window: int, *, n_boot: int = 4000, seed: int = 0) -> dict:
+    """How ``key`` moved from the first ``window`` updates to the last ``window``, and how sure that is.
+
+    ``delta`` = mean of the last window's per-update values minus the first's.
+    The 95% interval [``lo``, ``hi``] and ``p_up`` (the fraction of resamples
+    with ``delta > 0``) come from a bootstrap over updates: each window's
+    updates are resampled with replacement, so the interval carries the run's
+    own update-to-update noise (sampling, reward and optimiser), nothing assumed.
+    """
+    values = [float(h[key]) for h in history if h.get(key) is not None]
+    if len(values) < 2 * window:
+        return {"delta": float("nan"), "lo": float("nan"), "hi": float("nan"), "p_up": float("nan"), "window": window}
+    first = torch.tensor(values[:window], dtype=torch.float64)
+    last = torch.tensor(values[-window:], dtype=torch.float64)
+    g = torch.Generator().manual_seed(seed)
+    boot_first = first[torch.randint(0, window, (n_boot, window), generator=g)].mean(1)
+    boot_last = last[torch.randint(0, window, (n_boot, window), generator=g)].mean(1)
+    deltas = boot_last - boot_first
+    lo, hi = torch.quantile(deltas, torch.tensor([0.025, 0.975], dtype=torch.float64)).tolist()
+    return {"delta": float(last.mean() - first.mean()), "lo": lo, "hi": hi, "p_up": float((deltas > 0).double().mean()),
+            "window": window}
+
+
+def verdict(summary: dict, history: list[dict] | None = None) -> str:
+    """A one-line reading of a run, from its measured numbers only, saying how sure it is.
+
+    With ``history`` (one record per update), proxy and gold are compared over
+    the first and last sixth of the run with a bootstrap over updates
+    (:func:`change`): a move counts only when its 95% interval excludes 0, and
+    a run whose intervals are wide and straddle 0 is "inconclusive", not "little
+    change". Without it, the older point reading of ``summary`` alone.
+    """
     s, e = summary["start"], summary["end"]
     d_reward = e["reward"] - s["reward"]
     gold_drop = summary["best_gold_reward"] - e["gold_reward"]
@@ -195,11 +234,34 @@ def verdict(summary: dict) -> str:
     margin = max(0.1, 2 * math.sqrt(2 / summary["window"]) * summary.get("gold_step_noise", 0.0))
     if e["kl"] < 0.01 and abs(d_reward) < 0.1:
         return "stuck near the reference: KL < 0.01 nats/token and the reward barely moved"
-    if d_reward > 0.1 and (e["gold_reward"] < s["gold_reward"] or gold_drop > margin):
-        return "reward hacking: the proxy rose while the gold reward fell"
-    if d_reward > 0.1:
-        return "improving: proxy and gold reward rose with bounded KL"
-    return "little change"
+    if history is None:
+        if d_reward > 0.1 and (e["gold_reward"] < s["gold_reward"] or gold_drop > margin):
+            return "reward hacking: the proxy rose while the gold reward fell"
+        if d_reward > 0.1:
+            return "improving: proxy and gold reward rose with bounded KL"
+        return "little change"
+    window = max(3, len(history) // 6)  # a bootstrap over fewer than 3 updates a window understates the noise
+    proxy, gold = change(history, "reward", window), change(history, "gold_reward", window)
+    if math.isnan(proxy["delta"]) or math.isnan(gold["delta"]):
+        return f"inconclusive: {len(history)} updates are too few to compare a first and a last {window}"
+
+    def said(c):
+        return f"{c['delta']:+.2f} (95% interval {c['lo']:+.2f} to {c['hi']:+.2f}, first vs last {c['window']} updates)"
+
+    proxy_up, proxy_down = proxy["lo"] > 0, proxy["hi"] < 0
+    gold_up, gold_down = gold["lo"] > 0, gold["hi"] < 0
+    if proxy_up and (gold_down or gold_drop > margin):
+        why = f"gold {said(gold)}" if gold_down else f"gold {gold_drop:.2f} below its best window (noise margin {margin:.2f})"
+        return f"reward hacking: the proxy rose {said(proxy)} while the gold reward fell: {why}"
+    if proxy_up and gold_up:
+        return f"improving: proxy {said(proxy)} and gold {said(gold)} rose with bounded KL"
+    if proxy_up:
+        return f"proxy up, gold unclear: proxy {said(proxy)}, gold {said(gold)}"
+    if proxy_down or gold_down:
+        return f"getting worse: proxy {said(proxy)}, gold {said(gold)}"
+    if max(proxy["hi"] - proxy["lo"], gold["hi"] - gold["lo"]) <= 0.2:
+        return f"little change: proxy {said(proxy)}, gold {said(gold)}"
+    return f"inconclusive (too noisy to tell): proxy {said(proxy)}, gold {said(gold)}"
 
 
 def run_demo(
@@ -228,9 +290,14 @@ def run_demo(
 
     full = read_jsonl(Path(cfg.out) / "metrics.jsonl") if resume else history
     summary = summarise(full)
-    summary["verdict"] = verdict(summary)
+    summary["verdict"] = verdict(summary, full)
     summary["before"] = before
     summary["after"] = show_samples(model, ref, tokenizer, cfg) if show else []
+    if show:
+        from .english import english_word_share
+
+        summary["english_share"] = {when: english_word_share([smp["response"] for smp in summary[when]])
+                                    for when in ("before", "after")}
     save_pretrained_atomic(_plain(model), tokenizer, Path(cfg.out) / "policy")
     atomic_write_text(Path(cfg.out) / "summary.json", json.dumps(summary, indent=2) + "\n")
     return summary

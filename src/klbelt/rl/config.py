@@ -52,6 +52,10 @@ class TrainConfig:
     kl_unit: str = "token-mean"  # "token-mean" (nats/token) or "seq-sum" (nats/sequence) for the controller
     horizon: int = 10000  # proportional controller horizon (sequences)
     pid_gains: list[float] | None = None  # [kp, ki, kd] of the "pid" controller per update (null: 0.05, 0.02, 1.0)
+    pid_warmup: int = 0  # "pid": first updates with beta >= kl_coef and no integral decrease (KL starts at 0); 0 = off
+    pid_smoothing: float = 0.8  # "pid": EMA weight on the past KL for the P and D terms, in [0, 1)
+    pid_min_kl_coef: float = 0.0  # "pid": floor on beta (and on its integral), >= 0
+    controller_estimator: str = "k1"  # the controller's input: mean "k1" (the logged kl) or "k3" (unbiased, less noisy)
     log_ratio_clamp: float | None = None  # off; c > 0 clamps each token's log-ratio to [-c, c] in the KL penalty
     clamp_gradient: str = "zero"  # clamped tokens' gradient: "zero" (plain clamp) or "pass" (straight-through)
     # --- advantages and PPO
@@ -89,6 +93,7 @@ class TrainConfig:
             "sampler": ("policy", "bf16", "bf16-merged", "vllm"),
             "rollout_correction": ("off", "tis", "mis", "band"),
             "attn_implementation": ("model", "sdpa", "eager", "klbelt_fp32"),
+            "controller_estimator": ("k1", "k3"),
         }
         if self.report_to is not None:
             sinks = ("jsonl", "csv", "tensorboard", "wandb", "mlflow")
@@ -125,6 +130,15 @@ class TrainConfig:
             and all(isinstance(g, (int, float)) and not isinstance(g, bool) and 0 <= g < float("inf") for g in self.pid_gains)
         ):
             raise ValueError(f"config pid_gains must be null or three finite numbers >= 0 [kp, ki, kd], got {self.pid_gains!r}")
+        if isinstance(self.pid_warmup, bool) or not isinstance(self.pid_warmup, int) or self.pid_warmup < 0:
+            raise ValueError(f"config pid_warmup must be an int >= 0 (updates; 0 = off), got {self.pid_warmup!r}")
+        if not (isinstance(self.pid_smoothing, (int, float)) and not isinstance(self.pid_smoothing, bool)
+                and 0 <= self.pid_smoothing < 1):
+            raise ValueError(f"config pid_smoothing must be a number in [0, 1), got {self.pid_smoothing!r}")
+        if not (isinstance(self.pid_min_kl_coef, (int, float)) and not isinstance(self.pid_min_kl_coef, bool)
+                and 0 <= self.pid_min_kl_coef <= self.kl_coef):
+            raise ValueError(f"config pid_min_kl_coef must be a number in [0, kl_coef = {self.kl_coef!r}], "
+                             f"got {self.pid_min_kl_coef!r}")
         from ..kl.mismatch import check_band, check_cap
 
         check_cap(self.is_cap, "config is_cap")

@@ -58,7 +58,9 @@ def make_controller(cfg: TrainConfig):
             init_kl_coef=cfg.kl_coef, target_kl=cfg.target_kl, horizon=cfg.horizon, rule=rule, unit=cfg.kl_unit
         )
     gains = dict(zip(("kp", "ki", "kd"), cfg.pid_gains)) if cfg.pid_gains else {}
-    return control.PIDKLController(init_kl_coef=cfg.kl_coef, target_kl=cfg.target_kl, unit=cfg.kl_unit, **gains)
+    return control.PIDKLController(init_kl_coef=cfg.kl_coef, target_kl=cfg.target_kl, unit=cfg.kl_unit,
+                                   smoothing=cfg.pid_smoothing, min_kl_coef=cfg.pid_min_kl_coef, warmup=cfg.pid_warmup,
+                                   **gains)
 
 
 def read_steps_before(metrics_path: Path, start: int) -> list[dict]:

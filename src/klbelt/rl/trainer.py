@@ -142,7 +142,7 @@ def train(
             ppo = ppo_epochs(state, train_policy, train_critic, batch, scores, advantages, returns, placement, kl_coef,
                              cfg, world, use_bf16, step, files.checkpoint)
             # 5. The KL belt: the observed KL, in the controller's unit, sets the next beta.
-            observed = observe_kl(kl, batch.mask, scores, ppo, state.controller.unit, world)
+            observed = observe_kl(kl, batch.mask, scores, ppo, state.controller.unit, world, cfg.controller_estimator)
             state.controller.update(observed.kl, n_steps=cfg.batch_size)
             # 6. Metrics, samples, checkpoint.
             record, per_seq = step_metrics(monitor, step, batch, scores, kl, ppo, observed, kl_coef,

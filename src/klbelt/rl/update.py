@@ -366,17 +366,21 @@ class Observed:
     k3: float  # nats/token
 
 
-def observe_kl(kl: torch.Tensor, mask: torch.Tensor, scores: Scores, ppo: PPOStats, unit: str, world: World) -> Observed:
+def observe_kl(kl: torch.Tensor, mask: torch.Tensor, scores: Scores, ppo: PPOStats, unit: str, world: World,
+               estimator: str = "k1") -> Observed:
     """The KL the controller is fed, in its unit: global sum / global count over all ranks.
 
+    ``kl`` is the step's per-token k1 (importance-weighted when another sampler
+    drew the tokens); ``estimator="k3"`` feeds the same-weighted k3 instead,
+    an unbiased estimate of the same KL(pi || ref) with a smaller variance.
     Every rank gets the same number, and so the same beta. The step's other
     global sums (entropy, k3) travel in the same all-reduce.
     """
     n_seqs = (mask.sum(-1) > 0).sum()
     entropy_sum, entropy_count = (sum(x) for x in zip(*ppo.entropy_sums))
     k3_sum = (kl_per_token(scores.old_logprobs, scores.ref_logprobs, "k3", weights=scores.is_weights) * mask).sum()
-    sums = [(kl * mask).sum(), mask.sum() if unit == "token-mean" else n_seqs, entropy_sum, entropy_count, k3_sum,
-            mask.sum()]
+    fed = k3_sum if estimator == "k3" else (kl * mask).sum()
+    sums = [fed, mask.sum() if unit == "token-mean" else n_seqs, entropy_sum, entropy_count, k3_sum, mask.sum()]
     kl_sum, kl_count, entropy_sum, entropy_count, k3_sum, n_tokens = world.all_sum(torch.stack(sums).double()).tolist()
     return Observed(kl=kl_sum / kl_count if kl_count else 0.0,  # nats/token, or nats/sequence for "seq-sum"
                     entropy=entropy_sum / max(entropy_count, 1.0),

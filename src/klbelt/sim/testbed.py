@@ -170,6 +170,8 @@ def simulate(
     lr: float = 0.05,
     seed: int = 0,
     init_logits=None,
+    observe_samples: int | None = None,
+    observe_estimator: str | None = None,
 ) -> SimResult:
     r"""Optimise the categorical policy against ``reward`` with a KL penalty set by ``controller``.
 
@@ -201,6 +203,13 @@ def simulate(
         optimizer: ``"adam"`` or ``"sgd"`` with learning rate ``lr``.
         seed: seed of the sampler (the run is deterministic given it).
         init_logits: starting logits (default: log ref_probs, i.e. KL = 0).
+        observe_samples: sampled gradients only: feed the controller the
+            ``estimator`` mean over this many fresh draws from the policy as it
+            was *before* the update's first step (an RLHF trainer's order:
+            roll out, measure, update; the first observation then sees KL 0),
+            instead of the phase's gradient samples. ``None``: the phase's mean.
+        observe_estimator: with ``observe_samples``, the estimator whose mean
+            the controller is fed (default: ``estimator``).
 
     Returns:
         :class:`SimResult`.
@@ -208,7 +217,13 @@ def simulate(
     ref, r = check_problem(ref_probs, reward)
     if not hasattr(controller, "update"):
         controller = FixedKLController(_number("controller (a fixed kl_coef)", controller, nonnegative=True))
-    for name, value, low in (("steps", steps, 1), ("inner_steps", inner_steps, 1), ("batch_size", batch_size, 2)):
+    sizes = [("steps", steps, 1), ("inner_steps", inner_steps, 1), ("batch_size", batch_size, 2)]
+    if observe_samples is not None:
+        if gradient != "sampled":
+            raise ValueError(f"observe_samples needs gradient='sampled' (exact gradients observe the exact KL), "
+                             f"got gradient={gradient!r}")
+        sizes.append(("observe_samples", observe_samples, 1))
+    for name, value, low in sizes:
         if isinstance(value, bool) or not isinstance(value, int):
             raise TypeError(f"{name} must be an int, got {type(value).__name__}")
         if value < low:
@@ -216,6 +231,9 @@ def simulate(
     _checks.choice("gradient", gradient, GRADIENTS)
     _checks.choice("estimator", estimator, ESTIMATORS + tuple(ESTIMATOR_ALIASES))
     estimator = ESTIMATOR_ALIASES.get(estimator, estimator)  # verl's names: kl, mse, low_var_kl
+    observe_estimator = estimator if observe_estimator is None else observe_estimator
+    _checks.choice("observe_estimator", observe_estimator, ESTIMATORS + tuple(ESTIMATOR_ALIASES))
+    observe_estimator = ESTIMATOR_ALIASES.get(observe_estimator, observe_estimator)
     _checks.choice("kl_in", kl_in, KL_PLACEMENTS)
     _checks.choice("optimizer", optimizer, OPTIMIZERS)
     lr = _number("lr", lr, positive=True)
@@ -234,6 +252,11 @@ def simulate(
     for _ in range(steps):
         beta = float(controller.kl_coef)
         phase_kl = 0.0
+        if observe_samples is not None:
+            with torch.no_grad():
+                logp_all = torch.log_softmax(logits, -1)
+                y = torch.multinomial(logp_all.exp(), observe_samples, replacement=True, generator=gen)
+                measured = float(kl_per_token(logp_all[y], ref.log()[y], observe_estimator).mean())
         for _ in range(inner_steps):
             opt.zero_grad()
             if gradient == "exact":
@@ -261,8 +284,10 @@ def simulate(
                 phase_kl += float(observed)
             loss.backward()
             opt.step()
-        observed_kl = phase_kl / inner_steps
+        observed_kl = phase_kl / inner_steps if observe_samples is None else measured
         n_samples = inner_steps * (batch_size if gradient == "sampled" else 1)
+        if observe_samples is not None:
+            n_samples = observe_samples
         new_beta = controller.update(observed_kl, n_steps=n_samples)
         with torch.no_grad():
             result.kl.append(float(exact_kl(logits, ref)))
