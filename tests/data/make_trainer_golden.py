@@ -58,7 +58,10 @@ HISTORY = (
     "again when ``logits_to_keep`` became an index tensor (contiguous hidden rows; a bf16 linear layer on "
     "the old strided view took a batched-matmul path 14x slower): bf16 rounding moved, so the lora-bf16-group "
     "run's next beta moved by 7e-7 relative at update 2 and its samples from there on; every other run was unchanged "
-    "to the bit."
+    "to the bit. The signature (not the metrics) was widened for issue 22: torch's \"AVX512\" was shared by an AMD "
+    "EPYC (AVX512-BF16) and an Intel Xeon (AMX, AVX512-FP16) whose kernels round differently, so it now also names the "
+    "CPU's vendor, model and dispatch ISA extensions (klbelt._machine.float_kernel_signature); an AMD EPYC of family 26 "
+    "reproduced every recorded metric bit for bit with the code of that change, and its signature is the one stored."
 )
 
 
