@@ -171,3 +171,21 @@ def test_progress_bar_on_terminals_only_and_silenced_by_tqdm_disable(monkeypatch
     text = "".join(stream.parts)
     assert ("3/3" in text and "KL 0.0100 nats/tok" in text) == shown
     assert text == "" or shown
+
+
+@pytest.mark.parametrize("values, message", [
+    ({"pid_warmup": -1}, "config pid_warmup must be an int >= 0"),
+    ({"pid_smoothing": 1.0}, "config pid_smoothing must be a number in [0, 1)"),
+    ({"pid_min_kl_coef": -0.1}, "config pid_min_kl_coef must be a finite number >= 0"),
+    ({"controller": "pid", "kl_coef": 0.01, "pid_min_kl_coef": 0.02}, "must be <= kl_coef (0.01)"),
+    ({"controller_estimator": "k2"}, "config controller_estimator must be one of 'k1', 'k3'"),
+])
+def test_pid_start_up_settings_are_checked_by_name(values, message):
+    with pytest.raises(ValueError) as info:
+        TrainConfig.from_dict(values)
+    assert message in str(info.value)
+
+
+def test_a_fixed_beta_run_of_a_pid_config_ignores_the_pid_floor():
+    # the sweep turns the English demo's config (pid floor 0.02) into fixed-beta runs, beta 0 included
+    assert TrainConfig.from_dict({"controller": "fixed", "kl_coef": 0.0, "pid_min_kl_coef": 0.02}).kl_coef == 0.0

@@ -136,9 +136,11 @@ class TrainConfig:
                 and 0 <= self.pid_smoothing < 1):
             raise ValueError(f"config pid_smoothing must be a number in [0, 1), got {self.pid_smoothing!r}")
         if not (isinstance(self.pid_min_kl_coef, (int, float)) and not isinstance(self.pid_min_kl_coef, bool)
-                and 0 <= self.pid_min_kl_coef <= self.kl_coef):
-            raise ValueError(f"config pid_min_kl_coef must be a number in [0, kl_coef = {self.kl_coef!r}], "
-                             f"got {self.pid_min_kl_coef!r}")
+                and 0 <= self.pid_min_kl_coef < float("inf")):
+            raise ValueError(f"config pid_min_kl_coef must be a finite number >= 0, got {self.pid_min_kl_coef!r}")
+        if self.controller == "pid" and self.pid_min_kl_coef > self.kl_coef:
+            raise ValueError(f"config pid_min_kl_coef ({self.pid_min_kl_coef!r}) must be <= kl_coef ({self.kl_coef!r}), "
+                             "the pid controller's starting beta")
         from ..kl.mismatch import check_band, check_cap
 
         check_cap(self.is_cap, "config is_cap")
