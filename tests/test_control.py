@@ -223,3 +223,46 @@ def test_global_observed_kl_without_distributed_is_the_local_mean():
         global_observed_kl(float("nan"), 1)
     with pytest.raises(ValueError, match="not initialized"):
         global_observed_kl(1.0, 1, group=object())
+
+
+def test_pid_warmup_keeps_beta_while_the_policy_leaves_the_reference():
+    # an RLHF trainer's first KL is exactly 0 (rollouts drawn before any update); relative error -1
+    plain = PIDKLController(0.1, target_kl=0.05, kp=0.12, ki=0.02, kd=1.0)
+    warm = PIDKLController(0.1, target_kl=0.05, kp=0.12, ki=0.02, kd=1.0, warmup=3)
+    start = [0.0, 0.004, 0.02]
+    assert [plain.update(k) for k in start][0] == 0.0  # the bug: beta sent to 0 by the first, meaningless, zero
+    assert all(b >= 0.1 for b in [warm.update(k) for k in start])  # rises still add the D term
+    assert warm.integral == 0.1  # KL below target during warm-up does not lower the integral
+    # after the warm-up a low KL lowers beta as before; a high one during it raises beta
+    assert warm.update(0.01) < 0.1
+    hot = PIDKLController(0.1, target_kl=0.05, warmup=3)
+    assert hot.update(0.2) > 0.1 and hot.integral > 0.1
+
+
+def test_pid_floor_holds_beta_and_integral_and_checks_its_bounds():
+    c = PIDKLController(0.1, target_kl=0.05, min_kl_coef=0.03)
+    for _ in range(50):
+        c.update(0.0)
+    assert c.kl_coef == c.integral == 0.03
+    with pytest.raises(ValueError, match="init_kl_coef must be >= min_kl_coef"):
+        PIDKLController(0.01, target_kl=0.05, min_kl_coef=0.03)
+    with pytest.raises(ValueError, match=r"min_kl_coef \(0.5\) must be <= max_kl_coef"):
+        PIDKLController(0.1, target_kl=0.05, min_kl_coef=0.5, max_kl_coef=0.2)
+    with pytest.raises(ValueError, match="warmup must be an int >= 0"):
+        PIDKLController(0.1, target_kl=0.05, warmup=-1)
+
+
+def test_pid_resumes_mid_warmup_and_loads_states_saved_before_warmup_existed():
+    a = PIDKLController(0.1, target_kl=0.05, warmup=4, min_kl_coef=0.02, smoothing=0.5)
+    kls = [0.0, 0.01, 0.03, 0.08, 0.06, 0.02, 0.05]
+    for k in kls[:2]:
+        a.update(k)
+    b = PIDKLController()
+    b.load_state_dict(json.loads(json.dumps(a.state_dict())))
+    assert [a.update(k) for k in kls[2:]] == [b.update(k) for k in kls[2:]]
+    old = a.state_dict()
+    for key in ("warmup", "min_kl_coef"):
+        del old["config"][key]  # a checkpoint written before these settings: their defaults (off)
+    c = PIDKLController()
+    c.load_state_dict(old)
+    assert c.warmup == 0 and c.min_kl_coef == 0.0

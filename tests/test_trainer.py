@@ -200,3 +200,23 @@ def test_a_nan_loss_stops_with_a_clear_message_and_keeps_the_last_checkpoint(tmp
     state = torch.load(tmp_path / "checkpoint.pt", weights_only=False)
     assert state["step"] == 2
     assert all(torch.isfinite(v).all() for v in state["policy"].values() if v.is_floating_point())
+
+
+@pytest.mark.parametrize("estimator, logged", [("k1", "kl"), ("k3", "kl_k3")])
+def test_the_controller_is_fed_the_mean_of_the_estimator_the_config_names(tmp_path, tok, estimator, logged):
+    from klbelt.control import PIDKLController
+
+    cfg = TrainConfig(steps=5, batch_size=8, max_new_tokens=3, kl_coef=0.2, target_kl=0.01, lr=5e-2, controller="pid",
+                      pid_gains=[0.1, 0.05, 1.0], pid_warmup=2, pid_smoothing=0.5, pid_min_kl_coef=0.05,
+                      controller_estimator=estimator, out=str(tmp_path))
+    records = train(cfg, tiny_gpt2(len(tok)), tok, ["a", "b c", "d"], _reward_fn, warn_alerts=False)
+    # replaying the logged estimator through a fresh controller gives the run's betas exactly
+    replay = PIDKLController(0.2, 0.01, kp=0.1, ki=0.05, kd=1.0, warmup=2, smoothing=0.5, min_kl_coef=0.05)
+    for r in records:  # the log holds the float32 mean, the controller got the float64 one
+        assert r["kl_coef"] == pytest.approx(replay.kl_coef, rel=1e-5)
+        replay.update(r[logged])
+    assert len({round(r["kl_coef"], 4) for r in records}) > 2  # the betas moved: the replay checked something
+    other = PIDKLController(0.2, 0.01, kp=0.1, ki=0.05, kd=1.0, warmup=2, smoothing=0.5, min_kl_coef=0.05)
+    for r in records[:-1]:
+        other.update(r["kl_k3" if logged == "kl" else "kl"])
+    assert other.kl_coef != pytest.approx(records[-1]["kl_coef"], rel=1e-3)  # the other estimator's betas differ
