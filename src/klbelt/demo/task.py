@@ -88,7 +88,8 @@ ENGLISH_DEMO_CONFIG = replace(
     # Tuned in `klbelt sim --plant demo` (docs/controller.md), a plant with the demo's measured dynamics and noise:
     # the KL of the first updates is 0 (policy = reference), which without a warm-up sent beta to 0 and let the KL
     # overshoot to 3.7x the target on an Intel Xeon; k3 is as unbiased as k1 on the policy's tokens and its
-    # per-update noise was 0.07 of the KL against k1's 0.32 on this task (16 x 24 tokens); a shorter EMA follows it.
+    # per-update standard error was 0.20 of the KL against k1's 0.44 on this task (4 logged responses per update,
+    # so about 0.10 and 0.22 for 16); a shorter EMA follows the quieter input.
     pid_warmup=6,
     pid_smoothing=0.5,
     pid_min_kl_coef=0.02,
