@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import torch
 
-from . import _checks, _kernels
+from . import _checks, _kernels, _triton
 from .exact import DIRECTIONS
 
 # Default rows per block. The block's logits (and, in the backward, its gradient
@@ -260,7 +260,8 @@ def logprobs_from_hidden(
         temperature: ``tau > 0``, the sampling temperature.
         chunk_size: rows per block; ``None`` keeps the blocks' logits (forward
             and backward) under ~1/10 of the ``[N, V]`` fp32 logits, at most
-            128 MB and (memory allowing) at least 64 rows per block.
+            128 MB and (memory allowing) at least 64 rows per block. Unused by
+            the Triton kernel (CUDA tensors), which holds no logits block.
         with_entropy: also return the entropy ``-sum_v pi_v log pi_v`` (nats,
             detached) of each position's distribution.
         blocked: optional 1-D token ids whose logits are set to ``-inf`` before
@@ -291,10 +292,15 @@ def logprobs_from_hidden(
     blocked = _check_blocked(blocked, vocab, hidden.device)
     h = hidden.reshape(-1, hidden.shape[-1])
     t = tokens.reshape(-1).long()
-    step = _rows_per_block("logprob", h.shape[0], vocab, h.dtype, chunk_size)
-    out, entropy = _FusedHead.apply(
-        "logprob", h, weight, bias, None, t, blocked, 1.0 / float(temperature), step, bool(with_entropy), True
-    )
+    if _triton.wanted(h, weight):  # CUDA with Triton: matmul and log-sum-exp in one kernel, no blocks
+        out, entropy = _triton.head(
+            "logprob", h, weight, bias, None, t, blocked, 1.0 / float(temperature), bool(with_entropy), True
+        )
+    else:
+        step = _rows_per_block("logprob", h.shape[0], vocab, h.dtype, chunk_size)
+        out, entropy = _FusedHead.apply(
+            "logprob", h, weight, bias, None, t, blocked, 1.0 / float(temperature), step, bool(with_entropy), True
+        )
     _checks.finite("hidden/weight (log-probabilities computed from them)", out.detach())
     out = out.reshape(tokens.shape)
     return (out, entropy.reshape(tokens.shape)) if with_entropy else out
@@ -359,9 +365,14 @@ def kl_from_hidden(
         None if ref_bias is None else ref_bias.detach(),
     )
     t = torch.empty(0, dtype=torch.long, device=hidden.device)
-    step = _rows_per_block("kl", h.shape[0], vocab, h.dtype, chunk_size)
-    out, _ = _FusedHead.apply(
-        "kl", h, weight, bias, ref, t, blocked, 1.0 / float(temperature), step, False, direction == "reverse"
-    )
+    if _triton.wanted(h, weight) and ref[0].dtype == h.dtype and ref[1].dtype == h.dtype:
+        out, _ = _triton.head(
+            "kl", h, weight, bias, ref, t, blocked, 1.0 / float(temperature), False, direction == "reverse"
+        )
+    else:
+        step = _rows_per_block("kl", h.shape[0], vocab, h.dtype, chunk_size)
+        out, _ = _FusedHead.apply(
+            "kl", h, weight, bias, ref, t, blocked, 1.0 / float(temperature), step, False, direction == "reverse"
+        )
     _checks.finite("hidden/ref_hidden (the KL computed from them)", out.detach())
     return out.reshape(hidden.shape[:-1])

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from . import _checks, _kernels
+from . import _checks, _kernels, _triton
 
 
 class _LogProbs(torch.autograd.Function):
@@ -16,7 +16,11 @@ class _LogProbs(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, t, inv_temp, chunk_size):
-        out, c, log_s = _kernels.forward("logprob", (x, t), inv_temp, chunk_size)
+        ctx.triton = _triton.wanted(x)  # CUDA with Triton: one read of x, no blocks
+        if ctx.triton:
+            out, c, log_s = _triton.logprob_fwd(x, t, inv_temp)
+        else:
+            out, c, log_s = _kernels.forward("logprob", (x, t), inv_temp, chunk_size)
         ctx.save_for_backward(x, t, c, log_s)
         ctx.inv_temp, ctx.chunk_size = inv_temp, chunk_size
         return out
@@ -26,6 +30,8 @@ class _LogProbs(torch.autograd.Function):
         x, t, c, log_s = ctx.saved_tensors
         n, v = x.shape
         g = g.to(c.dtype)
+        if ctx.triton:
+            return _triton.logprob_bwd(x, t, c, log_s, g, ctx.inv_temp), None, None, None
         grad = None
         for s, e in _kernels.blocks(n, v, ctx.chunk_size):
             block = _kernels.run("logprob_bwd", n * v, x[s:e], t[s:e], c[s:e], log_s[s:e], g[s:e], ctx.inv_temp)
