@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 
 import pytest
 import torch
+
+if not torch.cuda.is_available():  # before anything imports Triton: its kernels then run on CPU tensors
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # (tests/test_triton_kernels.py)
 
 import klbelt.kl as klcore
 

@@ -27,11 +27,9 @@ On CPU tensors the same kernel functions run in Triton's interpreter
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import os
 import warnings
-from pathlib import Path
 
 import torch
 
@@ -73,7 +71,10 @@ _force_cpu = os.environ.get("KLBELT_TRITON_CPU", "0") == "1"
 
 
 def set_cpu_interpreter(on: bool) -> bool:
-    """Run the Triton kernels on CPU tensors in Triton's interpreter (tests); returns the old setting."""
+    """Run the Triton kernels on CPU tensors in Triton's interpreter (tests); returns the old setting.
+
+    Takes effect only under ``TRITON_INTERPRET=1`` (Triton reads it when imported).
+    """
     global _force_cpu
     old, _force_cpu = _force_cpu, bool(on)
     return old
@@ -83,9 +84,10 @@ def wanted(*tensors: torch.Tensor) -> bool:
     """Whether the Triton kernels serve these tensors.
 
     CUDA tensors of fp32/bf16/fp16 when a usable Triton is installed (else one
-    warning naming the reason, then the torch kernels); CPU tensors only when
-    the interpreter was switched on (:func:`set_cpu_interpreter` or
-    ``KLBELT_TRITON_CPU=1``). fp64 always takes the torch kernels (fp64 out).
+    warning naming the reason, then the torch kernels); CPU tensors only in
+    Triton's interpreter (``TRITON_INTERPRET=1`` before Triton is imported) and
+    when asked for (:func:`set_cpu_interpreter` or ``KLBELT_TRITON_CPU=1``).
+    fp64 always takes the torch kernels (fp64 out).
     """
     x = tensors[0]
     if any(t.dtype not in (torch.float32, torch.bfloat16, torch.float16) for t in tensors):
@@ -95,63 +97,54 @@ def wanted(*tensors: torch.Tensor) -> bool:
         if not ok:
             _warn_once(reason)
         return ok
-    return x.device.type == "cpu" and _force_cpu and _triton_status()[0]
+    return x.device.type == "cpu" and _force_cpu and interpreting() and _triton_status()[0]
 
 
 # --------------------------------------------------------------------------- loading
 
 
-@functools.lru_cache(maxsize=None)
-def kernels(interpret: bool):
-    """``_triton_kernels`` loaded compiled (CUDA) or interpreted (CPU tensors), once per mode."""
-    import importlib.util
-    import sys
+def interpreting() -> bool:
+    """Whether Triton runs kernels in its interpreter (``TRITON_INTERPRET=1``, set before Triton is imported)."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
-    name = __name__ + "_kernels" + ("_interpreted" if interpret else "")
-    spec = importlib.util.spec_from_file_location(name, Path(__file__).with_name("_triton_kernels.py"))
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module  # Triton reads the kernels' source through their module
-    with _interpret_env(interpret):  # read by @triton.jit while the file loads
-        spec.loader.exec_module(module)
-    if interpret:  # the interpreter also reads it while a kernel runs
-        for attr in dir(module):
-            if attr.endswith("_kernel"):
-                setattr(module, attr, _Interpreted(getattr(module, attr)))
+
+@functools.lru_cache(maxsize=None)
+def kernels():
+    """``_triton_kernels``: compiled for the GPU, or interpreted under ``TRITON_INTERPRET=1``."""
+    from . import _triton_kernels as module
+
+    if interpreting():
+        return _Interpreted(module)
     return module
 
 
-@contextlib.contextmanager
-def _interpret_env(on: bool):
-    old = os.environ.get("TRITON_INTERPRET")
-    os.environ["TRITON_INTERPRET"] = "1" if on else "0"
-    try:
-        yield
-    finally:
-        if old is None:
-            del os.environ["TRITON_INTERPRET"]
-        else:
-            os.environ["TRITON_INTERPRET"] = old
-
-
 class _Interpreted:
-    """``kernel[grid](...)`` in Triton's interpreter, with ``TRITON_INTERPRET=1`` while it runs."""
+    """The kernels of ``module`` launched with numpy's floating-point warnings off.
 
-    def __init__(self, kernel):
-        self.kernel = kernel
-        global numpy
-        import numpy
+    (-inf) - (-inf) in masked-off lanes is NaN by design and discarded by ``tl.where``.
+    """
 
-    def __getitem__(self, grid):
-        def launch(*args, **kwargs):
-            with _interpret_env(True), numpy.errstate(invalid="ignore", over="ignore", divide="ignore"):
-                # (-inf) - (-inf) in masked-off lanes is NaN by design, discarded by tl.where
-                return self.kernel[grid](*args, **kwargs)
+    def __init__(self, module):
+        self.module = module
 
-        return launch
+    def __getattr__(self, name):
+        kernel = getattr(self.module, name)
+
+        class Launcher:
+            def __getitem__(self, grid):
+                def launch(*args, **kwargs):
+                    import numpy
+
+                    with numpy.errstate(invalid="ignore", over="ignore", divide="ignore"):
+                        return kernel[grid](*args, **kwargs)
+
+                return launch
+
+        return Launcher()
 
 
 def _k(x: torch.Tensor):
-    return kernels(x.device.type != "cuda")
+    return kernels()
 
 
 def _rows(x: torch.Tensor) -> torch.Tensor:
@@ -280,7 +273,7 @@ class _Head(torch.autograd.Function):
                 t if not is_kl else h, *part, n, v, first[0].shape[1], second[0].shape[1],
                 first[0].stride(0), first[1].stride(0), second[0].stride(0), second[1].stride(0), inv_temp, cols,
                 IS_KL=is_kl, HAS_BIAS=first[2] is not None, HAS_RBIAS=is_kl and second[2] is not None,
-                HAS_BLOCKED=mask is not None, IEEE=h.dtype == torch.float32,
+                HAS_BLOCKED=mask is not None, IEEE=h.dtype == torch.float32, DOT_F32=_dot_f32(h),
                 BLOCK_M=bm, BLOCK_V=bv, BLOCK_K=bk, **_launch(h, 8),
             )
         c_a, log_s_a, mean_a = _combine(part[0], part[1], part[2])
@@ -325,11 +318,16 @@ class _Head(torch.autograd.Function):
                 h.stride(0) if rh is None else rh.stride(0), w.stride(0) if rw is None else rw.stride(0), ctx.inv_temp, cols,
                 IS_KL=is_kl, POLICY_FIRST=bool(ctx.policy_first), HAS_BIAS=b is not None,
                 HAS_RBIAS=is_kl and rb is not None, HAS_BLOCKED=mask is not None,
-                NEED_H=need_h, NEED_W=need_w, NEED_B=need_b, IEEE=h.dtype == torch.float32,
+                NEED_H=need_h, NEED_W=need_w, NEED_B=need_b, IEEE=h.dtype == torch.float32, DOT_F32=_dot_f32(h),
                 BLOCK_M=bm, BLOCK_V=bv, BLOCK_K=bk, **_launch(h, 8),
             )
         cast = lambda x: None if x is None else x.to(h.dtype)  # noqa: E731
         return None, cast(dh), cast(dw), cast(db), None, None, None, None, None, None, None
+
+
+def _dot_f32(h: torch.Tensor) -> bool:
+    """Upcast bf16/fp16 tiles before ``tl.dot`` in the interpreter (its half-precision dot is wrong; Triton 3.9)."""
+    return interpreting() and h.dtype != torch.float32
 
 
 def _or(x, default):

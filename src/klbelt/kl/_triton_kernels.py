@@ -1,12 +1,14 @@
 """The Triton kernels of ``_triton`` (see its docstring), plain Triton code.
 
-``_triton`` loads this file once per mode: compiled (``triton.jit``, CUDA
-tensors) or interpreted (``TRITON_INTERPRET=1`` while it loads, CPU tensors),
-so the interpreter runs exactly the code the GPU compiles.
+Imported only through ``_triton.kernels()``. Under ``TRITON_INTERPRET=1`` (set
+before Triton is imported) ``@triton.jit`` makes these the interpreter's
+functions, which run on CPU tensors: the test suite runs exactly the code the
+GPU compiles.
 """
 
 import triton
 import triton.language as tl
+
 
 @triton.jit
 def _logprob_fwd_kernel(X, T, OUT, C, LOGS, V, stride_x, inv_temp, BLOCK_V: tl.constexpr):
@@ -122,7 +124,7 @@ def _kl_bwd_kernel(
 
 @triton.jit
 def _head_tile(H, W, Bias, Blocked, rows, cols, N, V, K, stride_h, stride_w, inv_temp,
-               HAS_BIAS: tl.constexpr, HAS_BLOCKED: tl.constexpr, IEEE: tl.constexpr,
+               HAS_BIAS: tl.constexpr, HAS_BLOCKED: tl.constexpr, IEEE: tl.constexpr, DOT_F32: tl.constexpr,
                BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr):
     """``(h W^T + b) * s`` for one ``[BLOCK_M, BLOCK_V]`` tile in fp32; -inf outside V and at blocked ids."""
     ks = tl.arange(0, BLOCK_K)
@@ -131,7 +133,10 @@ def _head_tile(H, W, Bias, Blocked, rows, cols, N, V, K, stride_h, stride_w, inv
         kk = k0 + ks
         h = tl.load(H + rows[:, None] * stride_h + kk[None, :], mask=(rows[:, None] < N) & (kk[None, :] < K), other=0.0)
         w = tl.load(W + cols[:, None] * stride_w + kk[None, :], mask=(cols[:, None] < V) & (kk[None, :] < K), other=0.0)
-        if IEEE:
+        if DOT_F32:  # the interpreter's bf16/fp16 dot is wrong; products of bf16/fp16 values are exact in fp32
+            h = h.to(tl.float32)
+            w = w.to(tl.float32)
+        if IEEE or DOT_F32:
             acc = tl.dot(h, tl.trans(w), acc, input_precision="ieee")
         else:
             acc = tl.dot(h, tl.trans(w), acc)
@@ -159,7 +164,7 @@ def _head_fwd_kernel(
     H, W, Bias, RH, RW, RBias, Blocked, T, PMA, PSA, PX, PMB, PSB, PZT,
     N, V, K, KR, stride_h, stride_w, stride_rh, stride_rw, inv_temp, cols_per_split,
     IS_KL: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RBIAS: tl.constexpr, HAS_BLOCKED: tl.constexpr,
-    IEEE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
+    IEEE: tl.constexpr, DOT_F32: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """Per (row block, vocabulary range): partial max/sum of the policy (and reference) and the cross sum.
 
@@ -185,10 +190,10 @@ def _head_fwd_kernel(
         cols = v0 + tl.arange(0, BLOCK_V)
         cols = tl.where(cols < v_stop, cols, V)  # past this range: treated as outside V
         za = _head_tile(H, W, Bias, Blocked, rows64, cols, N, V, K, stride_h, stride_w, inv_temp,
-                        HAS_BIAS, HAS_BLOCKED, IEEE, BLOCK_M, BLOCK_V, BLOCK_K)
+                        HAS_BIAS, HAS_BLOCKED, IEEE, DOT_F32, BLOCK_M, BLOCK_V, BLOCK_K)
         if IS_KL:
             zb = _head_tile(RH, RW, RBias, Blocked, rows64, cols, N, V, KR, stride_rh, stride_rw, inv_temp,
-                            HAS_RBIAS, HAS_BLOCKED, IEEE, BLOCK_M, BLOCK_V, BLOCK_K)
+                            HAS_RBIAS, HAS_BLOCKED, IEEE, DOT_F32, BLOCK_M, BLOCK_V, BLOCK_K)
             ma, sa, alpha, e = _online(ma, sa, za)
             x = x * alpha + tl.sum(tl.where(e > 0, e * (za - zb), 0.0), axis=1)
             mb, sb, _, _ = _online(mb, sb, zb)
@@ -213,7 +218,7 @@ def _head_bwd_kernel(
     N, V, K, KR, stride_h, stride_w, stride_rh, stride_rw, inv_temp, cols_per_split,
     IS_KL: tl.constexpr, POLICY_FIRST: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RBIAS: tl.constexpr,
     HAS_BLOCKED: tl.constexpr, NEED_H: tl.constexpr, NEED_W: tl.constexpr, NEED_B: tl.constexpr,
-    IEEE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
+    IEEE: tl.constexpr, DOT_F32: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """G = dL/dz of the policy tile, recomputed exactly; DH += G W, DW += G^T h, DB += sum_rows G (fp32, atomic).
 
@@ -240,10 +245,10 @@ def _head_bwd_kernel(
         cols = v0 + tl.arange(0, BLOCK_V)
         cols = tl.where(cols < v_stop, cols, V)
         z = _head_tile(H, W, Bias, Blocked, rows64, cols, N, V, K, stride_h, stride_w, inv_temp,
-                       HAS_BIAS, HAS_BLOCKED, IEEE, BLOCK_M, BLOCK_V, BLOCK_K)
+                       HAS_BIAS, HAS_BLOCKED, IEEE, DOT_F32, BLOCK_M, BLOCK_V, BLOCK_K)
         if IS_KL:
             zr = _head_tile(RH, RW, RBias, Blocked, rows64, cols, N, V, KR, stride_rh, stride_rw, inv_temp,
-                            HAS_RBIAS, HAS_BLOCKED, IEEE, BLOCK_M, BLOCK_V, BLOCK_K)
+                            HAS_RBIAS, HAS_BLOCKED, IEEE, DOT_F32, BLOCK_M, BLOCK_V, BLOCK_K)
             if POLICY_FIRST:  # d KL(p||q) / d a = p (log p - log q - KL)
                 logp = (z - ca[:, None]) - lsa[:, None]
                 logq = (zr - cb[:, None]) - lsb[:, None]
@@ -258,19 +263,25 @@ def _head_bwd_kernel(
         gz = tl.where(row_ok[:, None] & (z > float("-inf")), gz, 0.0)
         if NEED_B:
             tl.atomic_add(DB + cols, tl.sum(gz, axis=0), mask=cols < V)
-        gzc = gz.to(H.dtype.element_ty)
+        gzc = gz.to(H.dtype.element_ty)  # rounded to the input dtype, as the unfused path's dL/dz
+        if DOT_F32:
+            gzc = gzc.to(tl.float32)
         for k0 in range(0, K, BLOCK_K):
             kk = k0 + ks
             if NEED_H:
                 w = tl.load(W + cols[:, None] * stride_w + kk[None, :], mask=(cols[:, None] < V) & (kk[None, :] < K), other=0.0)
-                if IEEE:
+                if DOT_F32:
+                    w = w.to(tl.float32)
+                if IEEE or DOT_F32:
                     dh = tl.dot(gzc, w, input_precision="ieee")
                 else:
                     dh = tl.dot(gzc, w)
                 tl.atomic_add(DH + rows64[:, None] * K + kk[None, :], dh, mask=row_ok[:, None] & (kk[None, :] < K))
             if NEED_W:
                 h = tl.load(H + rows64[:, None] * stride_h + kk[None, :], mask=row_ok[:, None] & (kk[None, :] < K), other=0.0)
-                if IEEE:
+                if DOT_F32:
+                    h = h.to(tl.float32)
+                if IEEE or DOT_F32:
                     dw = tl.dot(tl.trans(gzc), h, input_precision="ieee")
                 else:
                     dw = tl.dot(tl.trans(gzc), h)

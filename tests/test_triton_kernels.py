@@ -1,0 +1,238 @@
+"""The Triton kernels (klbelt.kl._triton) against float64, run by Triton's interpreter on CPU tensors.
+
+The interpreter executes the very kernel functions CUDA compiles; the public
+entry points are called with the interpreter switched on, so the dispatch is
+checked too. Shapes are small (the interpreter runs a program at a time in
+numpy) but cross every block edge: V is not a multiple of the column block,
+N not a multiple of the row block, and the vocabulary is split over programs.
+"""
+
+from __future__ import annotations
+
+import types
+import warnings
+
+import pytest
+import torch
+
+pytest.importorskip("triton", reason="the Triton kernels are checked where Triton is installed")
+
+from klbelt.kl import _triton, kl_from_hidden, kl_from_logits, logprobs_from_hidden, logprobs_from_logits  # noqa: E402
+
+N, V = 6, 203  # the interpreter's column block is 64: four blocks, the last one partial
+
+
+@pytest.fixture
+def interpreter(monkeypatch):
+    """Route CPU fp32/bf16/fp16 tensors through the Triton kernels; count the launches."""
+    if not _triton.interpreting():
+        pytest.skip("TRITON_INTERPRET=1 was not set before Triton was imported (tests/conftest.py sets it without CUDA)")
+    launches = []
+    for name in ("logprob_fwd", "logprob_bwd", "kl_fwd", "kl_bwd", "head"):
+        real = getattr(_triton, name)
+        monkeypatch.setattr(_triton, name, lambda *a, _real=real, _name=name, **k: launches.append(_name) or _real(*a, **k))
+    old = _triton.set_cpu_interpreter(True)
+    yield launches
+    _triton.set_cpu_interpreter(old)
+
+
+def _logits(seed, dtype, scale=3.0, offset=0.0):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(N, V, generator=g, dtype=torch.float64) * scale + offset).to(dtype)
+
+
+def _ref_logprobs(x, t, temperature):
+    return torch.log_softmax(x.double() / temperature, -1).gather(-1, t[:, None])[:, 0]
+
+
+def _ref_kl(a, b, temperature):
+    lp, lq = torch.log_softmax(a.double() / temperature, -1), torch.log_softmax(b.double() / temperature, -1)
+    return (lp.exp() * (lp - lq)).sum(-1)
+
+
+def _grad(f, *xs):
+    xs = [x.detach().clone().requires_grad_() for x in xs]
+    g = torch.linspace(-1.0, 2.0, N, dtype=torch.float64)
+    (f(*xs).double() * g).sum().backward()
+    return [x.grad.double() for x in xs]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_triton_logprobs_match_float64_forward_and_backward(interpreter, dtype):
+    x = _logits(0, dtype)
+    t = torch.tensor([0, 5, 63, 64, 128, V - 1])  # block edges and the last column
+    out = logprobs_from_logits(x, t, temperature=0.7)
+    assert out.dtype == torch.float32
+    torch.testing.assert_close(out.double(), _ref_logprobs(x, t, 0.7), rtol=0, atol=2e-6)
+    (got,) = _grad(lambda z: logprobs_from_logits(z, t, temperature=0.7), x)
+    (want,) = _grad(lambda z: _ref_logprobs(z, t, 0.7), x.double())
+    # fp32: rounding of exp at |x/T| ~ 10; bf16/fp16: the gradient is stored in the input dtype,
+    # within one unit in the last place (2^-7 relative for bf16)
+    tol = {torch.float32: (1e-6, 1e-6), torch.bfloat16: (2**-7, 1e-6), torch.float16: (2**-10, 1e-6)}[dtype]
+    torch.testing.assert_close(got, want, rtol=tol[0], atol=tol[1])
+    assert interpreter.count("logprob_fwd") >= 2 and interpreter.count("logprob_bwd") == 1
+
+
+@pytest.mark.parametrize("direction", ["reverse", "forward"])
+def test_triton_exact_kl_matches_float64_both_directions(interpreter, direction):
+    x, y = _logits(1, torch.float32), _logits(2, torch.bfloat16, scale=2.0)  # mixed dtypes are allowed
+    out = kl_from_logits(x, y, direction=direction, temperature=1.3)
+    a, b = (x, y) if direction == "reverse" else (y, x)
+    torch.testing.assert_close(out.double(), _ref_kl(a, b, 1.3), rtol=3e-6, atol=1e-6)
+    got = _grad(lambda p, q: kl_from_logits(p, q, direction=direction, temperature=1.3), x, y)
+    want = _grad(lambda p, q: _ref_kl(*((p, q) if direction == "reverse" else (q, p)), 1.3), x.double(), y.double())
+    torch.testing.assert_close(got[0], want[0], rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(got[1], want[1], rtol=2**-7, atol=1e-6)  # bf16 gradient: within one ulp
+    assert "kl_fwd" in interpreter and "kl_bwd" in interpreter
+
+
+def test_triton_kl_of_logits_offset_by_1e4_keeps_its_precision(interpreter):
+    x = _logits(3, torch.float32, offset=1e4)
+    y = (x.double() + torch.randn(N, V, generator=torch.Generator().manual_seed(4), dtype=torch.float64) * 0.1).float()
+    torch.testing.assert_close(kl_from_logits(x, y).double(), _ref_kl(x, y, 1.0), rtol=1e-3, atol=2e-6)
+    t = torch.arange(N)
+    torch.testing.assert_close(logprobs_from_logits(x, t).double(), _ref_logprobs(x, t, 1.0), rtol=0, atol=2e-6)
+
+
+def test_triton_kl_is_zero_where_both_block_a_token_and_infinite_where_only_the_reference_does(interpreter):
+    x, y = _logits(5, torch.float32), _logits(6, torch.float32)
+    x[:, 3] = y[:, 3] = float("-inf")
+    keep = torch.arange(V) != 3
+    torch.testing.assert_close(kl_from_logits(x, y).double(), _ref_kl(x[:, keep], y[:, keep], 1.0), rtol=3e-6, atol=1e-6)
+    y[0, 10] = float("-inf")
+    with pytest.raises(ValueError, match="NaN or infinite"):
+        kl_from_logits(x, y)
+
+
+# --------------------------------------------------------------------------- fused head
+
+HN, HK, HV = 37, 24, 70  # rows over 3 row blocks of 16, hidden size over 2 blocks of 16, 5 column blocks
+BLOCKS = {"BLOCK_M": 16, "BLOCK_V": 16, "BLOCK_K": 16, "n_split": 2}
+
+
+def _head(seed, k=HK):
+    g = torch.Generator().manual_seed(seed)
+    h = torch.randn(HN, k, generator=g)
+    w = torch.randn(HV, k, generator=g) / 3
+    b = torch.randn(HV, generator=g)
+    return h, w, b
+
+
+def _ref_z(h, w, b, blocked, temperature):
+    z = (h.double() @ w.double().T + b.double()) / temperature
+    keep = torch.ones(HV, dtype=torch.bool)
+    keep[blocked] = False
+    return z[:, keep], keep
+
+
+@pytest.mark.parametrize("n_split", [1, 2, 3])
+def test_triton_fused_head_logprobs_and_entropy_match_float64(interpreter, n_split, monkeypatch):
+    monkeypatch.setattr(_triton, "_head_blocks", _blocks_with(n_split))
+    h, w, b = _head(7)
+    blocked = torch.tensor([3, 50])
+    t = torch.randint(0, HV, (HN,), generator=torch.Generator().manual_seed(8))
+    t[(t == 3) | (t == 50)] = 4
+    lp, ent = logprobs_from_hidden(h, w, t, bias=b, temperature=0.8, with_entropy=True, blocked=blocked)
+
+    def ref(h, w, b):
+        z, keep = _ref_z(h, w, b, blocked, 0.8)
+        col = torch.cumsum(keep.long(), 0)[t] - 1  # the token's column once blocked ones are dropped
+        return torch.log_softmax(z, -1).gather(-1, col[:, None])[:, 0], z
+
+    want, z = ref(h, w, b)
+    p = torch.softmax(z, -1)
+    torch.testing.assert_close(lp.double(), want, rtol=0, atol=3e-6)
+    torch.testing.assert_close(ent.double(), -(p * p.log()).sum(-1), rtol=0, atol=3e-6)
+    got = torch.autograd.grad(*_weighted(
+        lambda h, w, b: logprobs_from_hidden(h, w, t, bias=b, temperature=0.8, blocked=blocked), (h, w, b)))
+    want_g = torch.autograd.grad(*_weighted(lambda *a: ref(*a)[0], (h.double(), w.double(), b.double())))
+    for x, y in zip(got, want_g):
+        torch.testing.assert_close(x.double(), y, rtol=1e-5, atol=1e-6)
+    assert "head" in interpreter
+
+
+@pytest.mark.parametrize("direction", ["reverse", "forward"])
+def test_triton_fused_exact_kl_matches_float64_both_directions(interpreter, direction, monkeypatch):
+    monkeypatch.setattr(_triton, "_head_blocks", _blocks_with(2))
+    h, w, b = _head(9)
+    rh, rw, rb = _head(10, k=20)  # the reference's hidden size differs
+    blocked = torch.tensor([0, 69])
+
+    def ref(h, w, b):
+        z, _ = _ref_z(h, w, b, blocked, 1.5)
+        zr, _ = _ref_z(rh, rw, rb, blocked, 1.5)
+        return _ref_kl(z, zr, 1.0) if direction == "reverse" else _ref_kl(zr, z, 1.0)
+
+    out = kl_from_hidden(h, w, rh, rw, bias=b, ref_bias=rb, direction=direction, temperature=1.5, blocked=blocked)
+    torch.testing.assert_close(out.double(), ref(h, w, b), rtol=1e-5, atol=2e-6)
+    got = torch.autograd.grad(*_weighted(lambda h, w, b: kl_from_hidden(
+        h, w, rh, rw, bias=b, ref_bias=rb, direction=direction, temperature=1.5, blocked=blocked), (h, w, b)))
+    want = torch.autograd.grad(*_weighted(ref, (h.double(), w.double(), b.double())))
+    for x, y in zip(got, want):
+        torch.testing.assert_close(x.double(), y, rtol=1e-5, atol=1e-6)
+    assert interpreter.count("head") == 2
+
+
+def test_triton_fused_head_in_bf16_matches_float64_of_the_bf16_values(interpreter, monkeypatch):
+    monkeypatch.setattr(_triton, "_head_blocks", _blocks_with(2))
+    h, w, b = (x.bfloat16() for x in _head(11))
+    t = torch.arange(HN) % HV
+    out = logprobs_from_hidden(h, w, t, bias=b)
+    z = h.double() @ w.double().T + b.double()  # the kernel accumulates in fp32: no bf16 logits
+    torch.testing.assert_close(out.double(), torch.log_softmax(z, -1).gather(-1, t[:, None])[:, 0], rtol=0, atol=1e-5)
+    got = torch.autograd.grad(*_weighted(lambda h, w, b: logprobs_from_hidden(h, w, t, bias=b), (h, w, b)))
+    want = torch.autograd.grad(*_weighted(
+        lambda h, w, b: torch.log_softmax(h @ w.T + b, -1).gather(-1, t[:, None])[:, 0], (h.double(), w.double(), b.double())))
+    for x, y in zip(got, want):  # dL/dz rounded to bf16 once, as the unfused bf16 path does
+        assert x.dtype == torch.bfloat16
+        assert ((x.double() - y).norm() / y.norm()).item() < 1e-2
+
+
+def _weighted(f, params):
+    """(sum_i g_i f(params)_i, params) with fixed weights g, for torch.autograd.grad."""
+    params = [p.detach().clone().requires_grad_() for p in params]
+    out = f(*params)
+    g = torch.linspace(-1.0, 2.0, out.numel(), dtype=out.dtype)
+    return (out * g).sum(), params
+
+
+def _blocks_with(n_split):
+    real = _triton._head_blocks
+
+    def blocks(h, n, v, _):
+        return real(h, n, v, {**BLOCKS, "n_split": n_split})
+
+    return blocks
+
+
+# --------------------------------------------------------------------------- dispatch
+
+
+def test_cuda_tensors_without_a_usable_triton_fall_back_with_one_warning_naming_the_reason(monkeypatch):
+    monkeypatch.setattr(_triton, "_triton_status", lambda: (False, "Triton 2.1.0 is older than 3.0"))
+    monkeypatch.setattr(_triton, "_warned", set())
+    fake = types.SimpleNamespace(dtype=torch.bfloat16, device=torch.device("cuda"))
+    with pytest.warns(RuntimeWarning, match="Triton 2.1.0 is older than 3.0.*torch kernels"):
+        assert _triton.wanted(fake) is False
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert _triton.wanted(fake) is False  # once
+
+
+def test_cpu_and_fp64_tensors_take_the_torch_kernels_unless_the_interpreter_is_asked_for():
+    x = torch.zeros(2, 3)
+    old = _triton.set_cpu_interpreter(False)
+    try:
+        assert not _triton.wanted(x)
+        _triton.set_cpu_interpreter(True)
+        assert _triton.wanted(x) == _triton.interpreting() and not _triton.wanted(x.double())
+    finally:
+        _triton.set_cpu_interpreter(old)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (the compiled kernels)")
+def test_triton_on_cuda_matches_float64_at_full_size():
+    from klbelt.bench.gpu_check_kernels import check_correctness
+
+    rows = check_correctness("cuda", n=4096, v=151936, head_shape=(4096, 2048, 151936))
+    assert rows and all(r["ok"] for r in rows), rows
