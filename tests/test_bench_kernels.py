@@ -65,3 +65,19 @@ def test_every_function_dtype_and_pass_is_compared_with_its_baselines(rows):
             for dtype in ("fp32", "bf16"):
                 for pass_ in ("forward", "forward+backward"):
                     assert (name, baseline, dtype, pass_) in seen
+
+
+def test_every_row_carries_its_floor_measured_in_the_same_run(rows):
+    for row in rows:
+        assert row["device"] == "cpu" and row["read_ms"] > 0 and row["read_write_ms"] > 0, row
+        # the floor is one read (+ one write with the backward), plus one read of the reference for the KL
+        base = row["read_ms"] if row["pass"] == "forward" else row["read_write_ms"]
+        extra = row["read_ms"] if row["name"] == "kl_from_logits" else 0.0
+        assert row["floor_ms"] == pytest.approx(base + extra, rel=1e-3, abs=2e-4), row
+        assert row["over_floor"] == pytest.approx(row["median_ms"] / row["floor_ms"], rel=0.02), row
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="checks the refusal where no CUDA device exists")
+def test_device_cuda_without_a_cuda_device_is_refused_by_name(capsys):
+    assert main(["bench", "kernels", "--device", "cuda", "--rows", "4", "--vocab", "8", "--no-memory"]) == 2
+    assert "--device cuda" in capsys.readouterr().err
