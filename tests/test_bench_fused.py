@@ -32,7 +32,9 @@ def test_json_rows_have_the_issue_keys_logits_size_and_the_repeats_of_big_cells(
         assert KEYS <= row.keys(), KEYS - row.keys()
         assert row["logits_mb"] == 48 * 512 * 4 / 2**20
         assert row["repeats"] == 2  # 2 * 48 * 8 * 512 / 1e9 = 0.0004 GFLOP >= --big-gflop
-        assert all(row[k] > 0 for k in ("fused_ms", "unfused_ms", "naive_ms"))
+        assert all(row[k] > 0 for k in ("fused_ms", "unfused_ms", "naive_ms", "matmul_ms", "read_ms"))
+        matmuls = 1 if row["pass"] == "forward" else 3  # the floor: one matmul forward, three with the backward
+        assert row["fused_over_matmul"] == pytest.approx(row["fused_ms"] / (matmuls * row["matmul_ms"]))
     assert "median of 2" in proc.stderr  # the table goes to stderr next to the JSON
 
 

@@ -7,16 +7,28 @@ Three implementations per function, timed and memory-measured on the same inputs
 * ``unfused``: the same matmul, then klbelt's logits kernel (``logprobs_from_logits`` / ``kl_from_logits``);
 * ``fused``: ``logprobs_from_hidden`` / ``kl_from_hidden`` (no ``[N, V]`` tensor).
 
-On a CUDA device with ``liger_kernel`` installed, Liger-Kernel's fused linear
-cross-entropy (``-logprob`` summed) is timed too as the anchor (``liger_ms``).
+On a CUDA device, for the log-probs, the other fused heads are timed when
+installed: Liger-Kernel's fused linear cross-entropy (``-logprob`` summed; its
+backward takes a scalar gradient only) as ``liger_ms``, and Apple's Cut
+Cross-Entropy per token (``linear_cross_entropy(..., reduction="none")``) in
+its default mode, which skips gradient entries below bf16 resolution
+(``cce_ms``), and exact (``filter_eps=None``, ``cce_exact_ms``).
+
+Floors, measured in the same process on the same inputs: ``matmul_ms`` is one
+``hidden @ weight.T`` (the forward's floor; forward+backward needs three such
+matmuls), ``read_ms`` one read of the ``[N, V]`` logits in the input dtype
+(``amax``). ``fused_over_matmul`` is ``fused_ms / matmul_ms`` for the forward
+and ``fused_ms / (3 * matmul_ms)`` for forward+backward. The backward gets a
+fixed random per-token output gradient (as a loss weighted per token would).
 Extra peak memory is defined as in ``klbelt bench kernels`` (``_memory``: peak
 resident memory of one call minus what it returns, in a fresh process per
 configuration; on CUDA the allocator's peak), and taken on the first timed call.
 ``logits_mb`` is the size of the fp32 ``[N, V]`` logits, the yardstick of the
 targets (extra peak <= 1/8 of it).
 
-Each implementation is called once to warm up (compilation, thread pools),
-then timed ``--repeats`` times (median reported). Cells whose matmul is at
+Each implementation is called once at full size to warm up (compilation,
+thread pools, autotuning), then timed ``--repeats`` times (median reported;
+CUDA events on a CUDA device). On a CPU only, cells whose matmul is at
 least ``--big-gflop`` GFLOP, where one call takes minutes on 2 CPU cores, are
 warmed up on their first ``WARMUP_ROWS`` rows only (the kernels are compiled
 for dynamic shapes) and timed ``--big-repeats`` times; their extra peak then
@@ -82,11 +94,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="implementations to measure (default naive,unfused,fused); a missing one reports null")
     parser.add_argument("--quick", action="store_true",
                         help="one small configuration: N=1024, H=576, V=49152, float32 (about a minute on 2 CPU cores)")
-    parser.add_argument("--repeats", type=_ints1, default=3, help="timed calls per implementation; the median is reported (default 3)")
+    parser.add_argument("--repeats", type=_ints1, default=None,
+                        help="timed calls per implementation; the median is reported (default 3 on CPU, 10 on CUDA)")
     parser.add_argument("--big-repeats", type=_ints1, default=1,
-                        help="timed calls for cells whose matmul is at least --big-gflop GFLOP (default 1)")
+                        help="CPU only: timed calls for cells whose matmul is at least --big-gflop GFLOP (default 1)")
     parser.add_argument("--big-gflop", type=float, default=1000.0,
-                        help="matmul size (2 N H V / 1e9) from which --big-repeats applies (default 1000)")
+                        help="CPU only: matmul size (2 N H V / 1e9) from which --big-repeats and the "
+                             f"{WARMUP_ROWS}-row warm-up apply (default 1000)")
     parser.add_argument("--no-memory", action="store_true", help="skip the extra-peak-memory measurement")
     parser.add_argument("--device", default="cuda" if _cuda() else "cpu", help="cpu or cuda (default: cuda when available)")
     parser.add_argument("--json", action="store_true", help="print the table as JSON (a list of rows)")
@@ -101,7 +115,7 @@ def _cuda() -> bool:
         return False
 
 
-def _impls(function: str, torch, with_liger: bool):
+def _impls(function: str, torch, with_liger: bool, with_cce: bool = False):
     from klbelt.kl import kl_from_hidden, kl_from_logits, logprobs_from_hidden, logprobs_from_logits
 
     if function == "logprobs":
@@ -115,6 +129,11 @@ def _impls(function: str, torch, with_liger: bool):
 
             loss = LigerFusedLinearCrossEntropyLoss(reduction="sum")
             impls["liger"] = lambda h, w, t, rh, rw: -loss(w, h, t).reshape(1)
+        if with_cce:
+            from cut_cross_entropy import linear_cross_entropy
+
+            impls["cce"] = lambda h, w, t, rh, rw: -linear_cross_entropy(h, w, t, reduction="none")
+            impls["cce_exact"] = lambda h, w, t, rh, rw: -linear_cross_entropy(h, w, t, reduction="none", filter_eps=None)
         return impls
 
     def naive_kl(h, w, t, rh, rw):
@@ -144,19 +163,22 @@ def _child(spec: dict) -> dict:
     rh = (h.detach() + 0.1 * torch.randn_like(h, dtype=torch.float32).to(dtype)).contiguous()
     rw = w.detach().clone()
     t = torch.randint(0, v, (n,), device=device)
-    with_liger = device.startswith("cuda") and spec.get("liger", False)
-    out = {}
+    g = torch.randn(n, device=device)  # per-token output gradient
     cuda = device.startswith("cuda")
+    with_liger = cuda and spec.get("liger", False)
+    with_cce = cuda and spec.get("cce", False)
+    out = {}
     rss_peak = not cuda and spec["memory"] and _memory.peak_is_resettable()
     warm = min(n, WARMUP_ROWS) if spec.get("big") else n
-    for name, fn in _impls(spec["function"], torch, with_liger).items():
+    for name, fn in _impls(spec["function"], torch, with_liger, with_cce).items():
         if name in ("naive", "unfused", "fused") and name not in spec["impls"]:
             continue
         def call(rows=n, fn=fn):
             hs, ts, rhs = (h, t, rh) if rows == n else (h[:rows], t[:rows], rh[:rows])
             res = fn(hs, w, ts, rhs, rw)
             if backward:
-                return (res.detach(), *torch.autograd.grad(res.sum(), [h, w]))
+                weight = g[: res.shape[0]].to(res.dtype) if res.shape[0] == hs.shape[0] else torch.ones_like(res)
+                return (res.detach(), *torch.autograd.grad(res, [h, w], weight))
             return (res,)
 
         call(warm)  # warm-up: compilation (dynamic shapes), thread pools, lazily loaded code
@@ -172,24 +194,49 @@ def _child(spec: dict) -> dict:
             elif measure and rss_peak:
                 _memory.reset_peak()
                 before = _memory._status_kib("VmRSS")
-            start = time.perf_counter()
-            res = call()
-            if cuda:
-                torch.cuda.synchronize()
-            times.append((time.perf_counter() - start) * 1e3)
+            times.append(_timed_ms(call, cuda, torch))
+            res = _timed_ms.result
             if measure and cuda:
                 peak = max(0, torch.cuda.max_memory_allocated() - before - _memory.tensor_bytes(res))
             elif measure and rss_peak:
                 peak = max(0, (_memory._status_kib("VmHWM") - before) * 1024 - _memory.tensor_bytes(res))
             del res
         out[name] = (statistics.median(times), None if peak is None else peak / 2**20)
+    out.update(_floors(h.detach(), w.detach(), spec["repeats"], cuda, torch))
     return out
 
 
-def _liger_available() -> bool:
+def _timed_ms(call, cuda: bool, torch) -> float:
+    """Milliseconds of ``call()`` (CUDA events on CUDA); its result is left in ``_timed_ms.result``."""
+    if cuda:
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        _timed_ms.result = call()
+        end.record()
+        torch.cuda.synchronize()
+        return start.elapsed_time(end)
+    start = time.perf_counter()
+    _timed_ms.result = call()
+    return (time.perf_counter() - start) * 1e3
+
+
+def _floors(h, w, repeats: int, cuda: bool, torch) -> dict:
+    """Median ms of one ``h @ w.T`` and of one read of its ``[N, V]`` result (``amax``), after a warm-up each."""
+    with torch.no_grad():
+        z = h @ w.T
+        res = {}
+        for name, fn in (("matmul", lambda: h @ w.T), ("read", lambda: z.amax(-1))):
+            fn()
+            res[name] = (statistics.median(_timed_ms(fn, cuda, torch) for _ in range(repeats)), None)
+            _timed_ms.result = None
+        del z
+    return res
+
+
+def _installed(module: str) -> bool:
     import importlib.util
 
-    return importlib.util.find_spec("liger_kernel") is not None
+    return importlib.util.find_spec(module) is not None
 
 
 def run(args) -> int:
@@ -198,10 +245,14 @@ def run(args) -> int:
         return 0
     if args.quick:
         args.rows, args.hidden, args.vocab, args.dtypes = [1024], [576], [49152], ["float32"]
-    liger = args.device.startswith("cuda") and _liger_available()
+    cuda = args.device.startswith("cuda")
+    if args.repeats is None:
+        args.repeats = 10 if cuda else 3
+    liger, cce = cuda and _installed("liger_kernel"), cuda and _installed("cut_cross_entropy")
     if not args.json:
-        print("liger_kernel: " + ("timed as the anchor" if liger else
-              "not timed (needs a CUDA device and the liger-kernel package)"), file=sys.stderr)
+        for what, on, package in (("liger_kernel", liger, "liger-kernel"), ("cut_cross_entropy", cce, "cut-cross-entropy")):
+            print(f"{what}: " + ("timed" if on else f"not timed (needs a CUDA device and the {package} package)"),
+                  file=sys.stderr)
     rows, none = [], (None, None)
     env = {**os.environ, **__import__("klbelt.bench._memory", fromlist=["CHILD_ENV"]).CHILD_ENV}
     for function in args.functions:
@@ -212,8 +263,9 @@ def run(args) -> int:
                         for pass_ in args.passes:
                             spec = {"function": function, "pass": pass_, "rows": n, "hidden": hsize, "vocab": v,
                                     "dtype": dtype, "device": args.device,
-                                    "big": 2 * n * hsize * v / 1e9 >= args.big_gflop,
+                                    "big": not cuda and 2 * n * hsize * v / 1e9 >= args.big_gflop,
                                     "memory": not args.no_memory, "liger": liger and function == "logprobs",
+                                    "cce": cce and function == "logprobs",
                                     "impls": args.impls}
                             spec["repeats"] = args.big_repeats if spec["big"] else args.repeats
                             proc = subprocess.run(
@@ -231,10 +283,14 @@ def run(args) -> int:
                                 "naive_ms": res.get("naive", none)[0], "fused_extra_peak_mb": res.get("fused", none)[1],
                                 "unfused_extra_peak_mb": res.get("unfused", none)[1],
                                 "naive_extra_peak_mb": res.get("naive", none)[1], "logits_mb": n * v * 4 / 2**20,
-                                "repeats": spec["repeats"],
+                                "repeats": spec["repeats"], "matmul_ms": res["matmul"][0], "read_ms": res["read"][0],
                             }
-                            if "liger" in res:
-                                row["liger_ms"], row["liger_extra_peak_mb"] = res["liger"]
+                            matmuls = 1 if pass_ == "forward" else 3
+                            row["fused_over_matmul"] = (None if row["fused_ms"] is None
+                                                        else row["fused_ms"] / (matmuls * row["matmul_ms"]))
+                            for other in ("liger", "cce", "cce_exact"):
+                                if other in res:
+                                    row[f"{other}_ms"], row[f"{other}_extra_peak_mb"] = res[other]
                             rows.append(row)
                             _print_row(row, sys.stderr if args.json else sys.stdout)
     if args.json:
@@ -246,14 +302,22 @@ def _print_row(row: dict, file) -> None:
     def mb(x):
         return "n/a" if x is None else f"{x:.0f}"
 
+    def ms(x):
+        return "n/a" if x is None else f"{x:.4g}"
+
     def ratio(a, b):
         return "n/a" if a is None or b is None else f"{a / b:.2f}x"
 
     print(
         f"{row['function']:8s} {row['pass']:16s} N={row['rows']} H={row['hidden']} V={row['vocab']} {row['dtype']:8s} "
-        f"time ms fused {mb(row['fused_ms'])} / unfused {mb(row['unfused_ms'])} / naive {mb(row['naive_ms'])} "
+        f"time ms fused {ms(row['fused_ms'])} / unfused {ms(row['unfused_ms'])} / naive {ms(row['naive_ms'])} "
         f"(fused/unfused {ratio(row['fused_ms'], row['unfused_ms'])}); extra peak MB fused {mb(row['fused_extra_peak_mb'])} "
         f"/ unfused {mb(row['unfused_extra_peak_mb'])} / naive {mb(row['naive_extra_peak_mb'])}; logits {row['logits_mb']:.0f} MB"
-        f" (median of {row['repeats']})",
+        f"; floors: matmul {ms(row['matmul_ms'])} ms (fused/{'' if row['pass'] == 'forward' else '3x '}matmul "
+        f"{'n/a' if row['fused_over_matmul'] is None else format(row['fused_over_matmul'], '.2f')}x), "
+        f"read of the logits {ms(row['read_ms'])} ms"
+        + "".join(f"; {o} {ms(row[o + '_ms'])} ms / {mb(row[o + '_extra_peak_mb'])} MB"
+                  for o in ("liger", "cce", "cce_exact") if o + "_ms" in row)
+        + f" (median of {row['repeats']})",
         file=file, flush=True,
     )
