@@ -9,6 +9,9 @@ N not a multiple of the row block, and the vocabulary is split over programs.
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
 import types
 import warnings
 
@@ -232,7 +235,23 @@ def test_cpu_and_fp64_tensors_take_the_torch_kernels_unless_the_interpreter_is_a
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (the compiled kernels)")
 def test_triton_on_cuda_matches_float64_at_full_size():
-    from klbelt.bench.gpu_check_kernels import check_correctness
+    from klbelt.bench.gpu_check_kernels import HEAD_SHAPES, LOGITS_SHAPE, check_correctness
 
-    rows = check_correctness("cuda", n=4096, v=151936, head_shape=(4096, 2048, 151936))
-    assert rows and all(r["ok"] for r in rows), rows
+    rows = check_correctness("cuda", *LOGITS_SHAPE, HEAD_SHAPES[:1])
+    assert rows and all(r["ok"] and r["path"] == "triton" for r in rows), rows
+
+
+def test_the_kernel_gpu_check_runs_on_cpu_in_the_interpreter_and_its_rows_pass(tmp_path):
+    out = tmp_path / "check.json"
+    proc = subprocess.run(
+        [sys.executable, "-m", "klbelt.bench.gpu_check_kernels", "--device", "cpu", "--tiny", "--no-bench",
+         "--json", str(out)],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    rows = json.loads(out.read_text())["correctness"]
+    checks = {(r["check"], r["dtype"]) for r in rows}
+    assert checks == {(c, d) for c in ("logprobs_from_logits", "kl_from_logits", "logprobs_from_hidden", "kl_from_hidden")
+                      for d in ("float32", "bfloat16")}
+    assert all(r["path"] == "triton" and r["ok"] for r in rows), rows
+    assert "correctness against float64" in proc.stdout
