@@ -107,6 +107,16 @@ def test_triton_kl_is_zero_where_both_block_a_token_and_infinite_where_only_the_
         kl_from_logits(x, y)
 
 
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_triton_kernels_refuse_a_nan_or_infinite_logit_by_name(interpreter, bad):
+    x, y = _logits(7, torch.float32), _logits(8, torch.float32)
+    x[2, 100] = bad
+    with pytest.raises(ValueError, match="logits.*NaN or infinite"):
+        logprobs_from_logits(x, torch.zeros(N, dtype=torch.long))
+    with pytest.raises(ValueError, match="logits.*NaN or infinite"):
+        kl_from_logits(x, y)
+
+
 # --------------------------------------------------------------------------- fused head
 
 HN, HK, HV = 37, 24, 70  # rows over 3 row blocks of 16, hidden size over 2 blocks of 16, 5 column blocks

@@ -11,6 +11,20 @@ import triton.language as tl
 
 
 @triton.jit
+def _lane_fold(m, s, x):
+    """Fold ``x`` into per-lane running maxima ``m`` and sums ``s = sum exp(. - m)`` with one exp per element.
+
+    e = exp(-|x - m|): where x is the lane's new maximum the old sum is rescaled by e and x adds 1,
+    else x adds e. -inf entries add 0 (also where the lane has seen only -inf so far).
+    Returns the new (m, s), e and whether x was the new maximum.
+    """
+    up = x > m
+    e = tl.exp(tl.where(up, m - x, x - m))
+    e = tl.where(x == float("-inf"), 0.0, e)
+    return tl.maximum(m, x), tl.where(up, s * e + 1.0, s + e), e, up
+
+
+@triton.jit
 def _logprob_fwd_kernel(X, T, OUT, C, LOGS, V, stride_x, inv_temp, BLOCK_V: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK_V)
@@ -19,10 +33,7 @@ def _logprob_fwd_kernel(X, T, OUT, C, LOGS, V, stride_x, inv_temp, BLOCK_V: tl.c
     for v0 in range(0, V, BLOCK_V):
         cols = v0 + offs
         x = tl.load(X + row * stride_x + cols, mask=cols < V, other=float("-inf")).to(tl.float32) * inv_temp
-        m_new = tl.maximum(m, x)
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        s = s * tl.exp(m - m_safe) + tl.exp(x - m_safe)
-        m = m_new
+        m, s, _, _ = _lane_fold(m, s, x)
     c = tl.max(m, axis=0)
     c_safe = tl.where(c == float("-inf"), 0.0, c)
     log_s = tl.log(tl.sum(s * tl.exp(m - c_safe), axis=0))
@@ -66,17 +77,9 @@ def _kl_fwd_kernel(A, B, KL, CA, LSA, CB, LSB, V, stride_a, stride_b, inv_temp, 
         inside = cols < V
         a = tl.load(A + row * stride_a + cols, mask=inside, other=float("-inf")).to(tl.float32) * inv_temp
         b = tl.load(B + row * stride_b + cols, mask=inside, other=float("-inf")).to(tl.float32) * inv_temp
-        ma_new = tl.maximum(ma, a)
-        ma_safe = tl.where(ma_new == float("-inf"), 0.0, ma_new)
-        alpha = tl.exp(ma - ma_safe)
-        e = tl.exp(a - ma_safe)
-        sa = sa * alpha + e
-        w = w * alpha + tl.where(e > 0, e * (a - b), 0.0)
-        ma = ma_new
-        mb_new = tl.maximum(mb, b)
-        mb_safe = tl.where(mb_new == float("-inf"), 0.0, mb_new)
-        sb = sb * tl.exp(mb - mb_safe) + tl.exp(b - mb_safe)
-        mb = mb_new
+        ma, sa, e, up = _lane_fold(ma, sa, a)  # two exps per pair of entries, the minimum
+        w = tl.where(up, w * e + (a - b), w + tl.where(e > 0, e * (a - b), 0.0))
+        mb, sb, _, _ = _lane_fold(mb, sb, b)
     ca = tl.max(ma, axis=0)
     cb = tl.max(mb, axis=0)
     ra = tl.exp(ma - tl.where(ca == float("-inf"), 0.0, ca))
