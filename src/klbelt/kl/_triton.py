@@ -19,10 +19,15 @@ exponentials, and the sum of ``exp * z`` for the entropy or of
 ``exp * (z_a - z_b)`` for the KL). The ``[n_split, N]`` partials are combined
 in torch. The backward recomputes each tile, forms ``G = dL/dz`` exactly (no
 filtering) and adds ``G W`` and ``G^T h`` (and ``sum G`` for the bias) into
-fp32 accumulators with atomic adds.
+fp32 accumulators with atomic adds (so the sums' order, and their last bits,
+vary from run to run). fp32 inputs accumulate straight into the gradients;
+bf16/fp16 ones need fp32 accumulators: ``[N, H]`` for the hidden states and,
+for the weight, ``DW_RANGE_BYTES`` at a time (one launch per range of
+vocabulary columns), so the extra memory of the backward is ``N * H * 4``
+bytes plus ``DW_RANGE_BYTES``.
 
 On CPU tensors the same kernel functions run in Triton's interpreter
-(``triton.runtime.interpreter``), which is how the test suite checks them.
+(``TRITON_INTERPRET=1``), which is how the test suite checks them.
 """
 
 from __future__ import annotations
@@ -299,11 +304,16 @@ class _Head(torch.autograd.Function):
         h, w, b, t, mask, rh, rw, rb, *rows = ctx.saved_tensors
         need_h, need_w, need_b = ctx.needs_input_grad[1], ctx.needs_input_grad[2], ctx.needs_input_grad[3]
         n, v, k = h.shape[0], w.shape[0], h.shape[1]
-        bm, bv, bk, n_split, cols = _head_blocks(h, n, v, ctx.blocks)
         f32 = dict(dtype=torch.float32, device=h.device)
         dh = torch.zeros(n, k, **f32) if need_h else None
-        dw = torch.zeros(v, k, **f32) if need_w else None
         db = torch.zeros(v, **f32) if need_b else None
+        dw = dw_acc = None
+        width = v  # vocabulary columns per launch
+        if need_w:
+            dw = torch.zeros(v, k, **f32) if h.dtype == torch.float32 else torch.empty(v, k, dtype=h.dtype, device=h.device)
+            if h.dtype != torch.float32:  # fp32 accumulator for one range of columns at a time
+                width = _range_cols(h, v, k, ctx.blocks)
+                dw_acc = torch.empty(width, k, **f32)
         is_kl = ctx.kind == "kl"
         if is_kl:
             kl, c_a, log_s_a, c_b, log_s_b = rows
@@ -311,18 +321,38 @@ class _Head(torch.autograd.Function):
             kl, c_a, log_s_a = rows
             c_b = log_s_b = c_a
         if n and (need_h or need_w or need_b):
-            _k(h)._head_bwd_kernel[(-(-n // bm), n_split)](
-                h, w, _or(b, h), _or(rh, h), _or(rw, w), _or(rb, h), _or(mask, h), t if not is_kl else h,
-                c_a, log_s_a, c_b, log_s_b, kl, g.float().contiguous(), _or(dh, h), _or(dw, h), _or(db, h),
-                n, v, k, k if rh is None else rh.shape[1], h.stride(0), w.stride(0),
-                h.stride(0) if rh is None else rh.stride(0), w.stride(0) if rw is None else rw.stride(0), ctx.inv_temp, cols,
-                IS_KL=is_kl, POLICY_FIRST=bool(ctx.policy_first), HAS_BIAS=b is not None,
-                HAS_RBIAS=is_kl and rb is not None, HAS_BLOCKED=mask is not None,
-                NEED_H=need_h, NEED_W=need_w, NEED_B=need_b, IEEE=h.dtype == torch.float32, DOT_F32=_dot_f32(h),
-                BLOCK_M=bm, BLOCK_V=bv, BLOCK_K=bk, **_launch(h, 8),
-            )
+            g = g.float().contiguous()
+            for v_begin in range(0, v, width):
+                v_end = min(v_begin + width, v)
+                bm, bv, bk, n_split, cols = _head_blocks(h, n, v_end - v_begin, ctx.blocks)
+                if dw_acc is not None:
+                    dw_acc.zero_()
+                _k(h)._head_bwd_kernel[(-(-n // bm), n_split)](
+                    h, w, _or(b, h), _or(rh, h), _or(rw, w), _or(rb, h), _or(mask, h), t if not is_kl else h,
+                    c_a, log_s_a, c_b, log_s_b, kl, g, _or(dh, h), _or(dw_acc, _or(dw, h)), _or(db, h),
+                    n, v, k, k if rh is None else rh.shape[1], h.stride(0), w.stride(0),
+                    h.stride(0) if rh is None else rh.stride(0), w.stride(0) if rw is None else rw.stride(0),
+                    ctx.inv_temp, cols, v_begin, v_end,
+                    IS_KL=is_kl, POLICY_FIRST=bool(ctx.policy_first), HAS_BIAS=b is not None,
+                    HAS_RBIAS=is_kl and rb is not None, HAS_BLOCKED=mask is not None,
+                    NEED_H=need_h, NEED_W=need_w, NEED_B=need_b, IEEE=h.dtype == torch.float32, DOT_F32=_dot_f32(h),
+                    BLOCK_M=bm, BLOCK_V=bv, BLOCK_K=bk, **_launch(h, 8),
+                )
+                if dw_acc is not None:
+                    dw[v_begin:v_end] = dw_acc[: v_end - v_begin]
         cast = lambda x: None if x is None else x.to(h.dtype)  # noqa: E731
         return None, cast(dh), cast(dw), cast(db), None, None, None, None, None, None, None
+
+
+DW_RANGE_BYTES = 8 << 20  # the fp32 accumulator of the weight gradient (bf16/fp16 weights), per launch
+
+
+def _range_cols(h: torch.Tensor, v: int, k: int, blocks: dict | None) -> int:
+    """Vocabulary columns per backward launch when the weight gradient needs an fp32 accumulator."""
+    if blocks is not None and "range_cols" in blocks:
+        return blocks["range_cols"]
+    bv = _head_blocks(h, 1, v, blocks)[1]
+    return max(bv, DW_RANGE_BYTES // (4 * k) // bv * bv)
 
 
 def _dot_f32(h: torch.Tensor) -> bool:

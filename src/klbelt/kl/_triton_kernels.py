@@ -218,14 +218,16 @@ def _head_fwd_kernel(
 @triton.jit
 def _head_bwd_kernel(
     H, W, Bias, RH, RW, RBias, Blocked, T, ROWA, ROWB, ROWC, ROWD, KLV, G, DH, DW, DB,
-    N, V, K, KR, stride_h, stride_w, stride_rh, stride_rw, inv_temp, cols_per_split,
+    N, V, K, KR, stride_h, stride_w, stride_rh, stride_rw, inv_temp, cols_per_split, v_begin, v_end,
     IS_KL: tl.constexpr, POLICY_FIRST: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RBIAS: tl.constexpr,
     HAS_BLOCKED: tl.constexpr, NEED_H: tl.constexpr, NEED_W: tl.constexpr, NEED_B: tl.constexpr,
     IEEE: tl.constexpr, DOT_F32: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """G = dL/dz of the policy tile, recomputed exactly; DH += G W, DW += G^T h, DB += sum_rows G (fp32, atomic).
 
-    ROWA, ROWB: the policy's (logprob) or first argument's (kl) c and log_s; ROWC, ROWD the second's.
+    Columns ``[v_begin, v_end)`` only, split over ``program_id(1)``; DW holds rows ``v_begin..v_end`` of
+    the weight gradient (DH and DB are whole). ROWA, ROWB: the policy's (logprob) or first argument's
+    (kl) c and log_s; ROWC, ROWD the second's.
     """
     pid_m = tl.program_id(0)
     split = tl.program_id(1)
@@ -242,8 +244,8 @@ def _head_bwd_kernel(
     else:
         t = tl.load(T + rows64, mask=row_ok, other=-1)
     ks = tl.arange(0, BLOCK_K)
-    v_start = split * cols_per_split
-    v_stop = tl.minimum(v_start + cols_per_split, V)
+    v_start = v_begin + split * cols_per_split
+    v_stop = tl.minimum(v_start + cols_per_split, v_end)
     for v0 in range(v_start, v_stop, BLOCK_V):
         cols = v0 + tl.arange(0, BLOCK_V)
         cols = tl.where(cols < v_stop, cols, V)
@@ -288,6 +290,6 @@ def _head_bwd_kernel(
                     dw = tl.dot(tl.trans(gzc), h, input_precision="ieee")
                 else:
                     dw = tl.dot(tl.trans(gzc), h)
-                tl.atomic_add(DW + cols[:, None].to(tl.int64) * K + kk[None, :], dw, mask=(cols[:, None] < V) & (kk[None, :] < K))
+                tl.atomic_add(DW + (cols[:, None] - v_begin).to(tl.int64) * K + kk[None, :], dw, mask=(cols[:, None] < V) & (kk[None, :] < K))
 
 
