@@ -10,6 +10,7 @@ N not a multiple of the row block, and the vocabulary is split over programs.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import types
@@ -251,6 +252,16 @@ def test_triton_on_cuda_matches_float64_at_full_size():
 
     rows = check_correctness("cuda", *LOGITS_SHAPE, HEAD_SHAPES[:1])
     assert rows and all(r["ok"] and r["path"] == "triton" for r in rows), rows
+
+
+@pytest.mark.slow
+def test_every_triton_kernel_compiles_for_an_h200_without_one():
+    """The interpreter never compiles: this runs Triton's compiler and ptxas for sm_90 on the kernels."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    script = os.path.join(os.path.dirname(__file__), "triton_compile_sm90.py")
+    proc = subprocess.run([sys.executable, script, "bf16"], capture_output=True, text=True, timeout=600, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("compiled ") == 10, proc.stdout
 
 
 def test_the_kernel_gpu_check_runs_on_cpu_in_the_interpreter_and_its_rows_pass(tmp_path):

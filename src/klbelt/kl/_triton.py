@@ -157,9 +157,20 @@ def _rows(x: torch.Tensor) -> torch.Tensor:
     return x if x.stride(-1) == 1 else x.contiguous()
 
 
-# Columns per loop step of the row kernels; small in the interpreter so tests cross block edges.
+# Launch configuration on CUDA. Row kernels: columns per loop step, warps. Fused head: tiles and warps,
+# chosen from ptxas' register counts for sm_90 without a GPU (tests/triton_compile_sm90.py): in bf16
+# only the KL backward spills (~100 bytes a thread; fp32 IEEE head kernels up to ~750), where BLOCK_K 64
+# or BLOCK_M 128 spilled 200-2000. Unmeasured on a GPU: a tuning pass there may change them.
+LOGPROB_BLOCK_V, KL_BLOCK_V, ROW_NUM_WARPS = 2048, 1024, 8
+HEAD_BLOCKS = {"BLOCK_M": 64, "BLOCK_V": 128, "BLOCK_K": 32}
+HEAD_NUM_WARPS = 8
+# In the interpreter: small, so the tests cross every block edge.
+INTERPRETER_BLOCK_V = 64
+INTERPRETER_HEAD_BLOCKS = {"BLOCK_M": 16, "BLOCK_V": 16, "BLOCK_K": 16}
+
+
 def _block_v(x: torch.Tensor, cuda: int) -> int:
-    return cuda if x.is_cuda else 64
+    return cuda if x.is_cuda else INTERPRETER_BLOCK_V
 
 
 def _f32(n: int, like: torch.Tensor) -> torch.Tensor:
@@ -176,7 +187,7 @@ def logprob_fwd(x: torch.Tensor, t: torch.Tensor, inv_temp: float):
     out, c, log_s = _f32(n, x), _f32(n, x), _f32(n, x)
     if n:
         _k(x)._logprob_fwd_kernel[(n,)](x, t, out, c, log_s, v, x.stride(0), inv_temp,
-                                         BLOCK_V=_block_v(x, 2048), **_launch(x, 8))
+                                         BLOCK_V=_block_v(x, LOGPROB_BLOCK_V), **_launch(x, ROW_NUM_WARPS))
     return out, c, log_s
 
 
@@ -187,7 +198,7 @@ def logprob_bwd(x, t, c, log_s, g, inv_temp: float) -> torch.Tensor:
     dx = torch.empty_like(x, memory_format=torch.contiguous_format)
     if n:
         _k(x)._logprob_bwd_kernel[(n,)](x, t, c, log_s, g.float().contiguous(), dx, v, x.stride(0), dx.stride(0),
-                                         inv_temp, BLOCK_V=_block_v(x, 2048), **_launch(x, 8))
+                                         inv_temp, BLOCK_V=_block_v(x, LOGPROB_BLOCK_V), **_launch(x, ROW_NUM_WARPS))
     return dx
 
 
@@ -198,7 +209,7 @@ def kl_fwd(a: torch.Tensor, b: torch.Tensor, inv_temp: float):
     outs = [_f32(n, a) for _ in range(5)]
     if n:
         _k(a)._kl_fwd_kernel[(n,)](a, b, *outs, v, a.stride(0), b.stride(0), inv_temp,
-                                    BLOCK_V=_block_v(a, 1024), **_launch(a, 8))
+                                    BLOCK_V=_block_v(a, KL_BLOCK_V), **_launch(a, ROW_NUM_WARPS))
     return tuple(outs)
 
 
@@ -213,7 +224,7 @@ def kl_bwd(a, b, c_a, log_s_a, c_b, log_s_b, kl, g, inv_temp: float, need_a: boo
             a, b, c_a, log_s_a, c_b, log_s_b, kl, g.float().contiguous(),
             a if da is None else da, b if db is None else db, v, a.stride(0), b.stride(0),
             v if da is None else da.stride(0), v if db is None else db.stride(0), inv_temp,
-            NEED_A=need_a, NEED_B=need_b, BLOCK_V=_block_v(a, 1024), **_launch(a, 8),
+            NEED_A=need_a, NEED_B=need_b, BLOCK_V=_block_v(a, KL_BLOCK_V), **_launch(a, ROW_NUM_WARPS),
         )
     return da, db
 
@@ -228,7 +239,7 @@ def _launch(x: torch.Tensor, num_warps: int) -> dict:
 def _head_blocks(h: torch.Tensor, n: int, v: int, blocks: dict | None):
     """(BLOCK_M, BLOCK_V, BLOCK_K, n_split, cols_per_split) for an ``[n, V]`` problem."""
     if blocks is None:
-        blocks = {"BLOCK_M": 128, "BLOCK_V": 128, "BLOCK_K": 64} if h.is_cuda else {"BLOCK_M": 16, "BLOCK_V": 16, "BLOCK_K": 16}
+        blocks = HEAD_BLOCKS if h.is_cuda else INTERPRETER_HEAD_BLOCKS
     bm, bv, bk = blocks["BLOCK_M"], blocks["BLOCK_V"], blocks["BLOCK_K"]
     row_blocks = -(-n // bm)
     v_tiles = -(-v // bv)
@@ -279,7 +290,7 @@ class _Head(torch.autograd.Function):
                 first[0].stride(0), first[1].stride(0), second[0].stride(0), second[1].stride(0), inv_temp, cols,
                 IS_KL=is_kl, HAS_BIAS=first[2] is not None, HAS_RBIAS=is_kl and second[2] is not None,
                 HAS_BLOCKED=mask is not None, IEEE=h.dtype == torch.float32, DOT_F32=_dot_f32(h),
-                BLOCK_M=bm, BLOCK_V=bv, BLOCK_K=bk, **_launch(h, 8),
+                BLOCK_M=bm, BLOCK_V=bv, BLOCK_K=bk, **_launch(h, HEAD_NUM_WARPS),
             )
         c_a, log_s_a, mean_a = _combine(part[0], part[1], part[2])
         entropy = torch.empty(0, dtype=torch.float32, device=h.device)
@@ -336,7 +347,7 @@ class _Head(torch.autograd.Function):
                     IS_KL=is_kl, POLICY_FIRST=bool(ctx.policy_first), HAS_BIAS=b is not None,
                     HAS_RBIAS=is_kl and rb is not None, HAS_BLOCKED=mask is not None,
                     NEED_H=need_h, NEED_W=need_w, NEED_B=need_b, IEEE=h.dtype == torch.float32, DOT_F32=_dot_f32(h),
-                    BLOCK_M=bm, BLOCK_V=bv, BLOCK_K=bk, **_launch(h, 8),
+                    BLOCK_M=bm, BLOCK_V=bv, BLOCK_K=bk, **_launch(h, HEAD_NUM_WARPS),
                 )
                 if dw_acc is not None:
                     dw[v_begin:v_end] = dw_acc[: v_end - v_begin]
