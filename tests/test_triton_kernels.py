@@ -108,6 +108,17 @@ def test_triton_kl_is_zero_where_both_block_a_token_and_infinite_where_only_the_
         kl_from_logits(x, y)
 
 
+def test_triton_logprobs_read_strided_tokens_and_logits_rows_by_their_strides(interpreter):
+    big = _logits(9, torch.float32)
+    x = torch.cat([big, big], dim=1)[:, :V]  # rows V apart in memory? no: 2V apart, unit stride along V
+    t = (torch.arange(2 * N) * 37 % V)[::2]  # a strided 1-D view
+    assert x.stride(0) == 2 * V and t.stride(0) == 2
+    torch.testing.assert_close(logprobs_from_logits(x, t).double(), _ref_logprobs(x, t, 1.0), rtol=0, atol=2e-6)
+    (got,) = _grad(lambda z: logprobs_from_logits(z, t), x)
+    (want,) = _grad(lambda z: _ref_logprobs(z, t, 1.0), x.double())
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+
+
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
 def test_triton_kernels_refuse_a_nan_or_infinite_logit_by_name(interpreter, bad):
     x, y = _logits(7, torch.float32), _logits(8, torch.float32)
@@ -170,6 +181,7 @@ def test_triton_fused_exact_kl_matches_float64_both_directions(interpreter, dire
     monkeypatch.setattr(_triton, "_head_blocks", _blocks_with(2))
     h, w, b = _head(9)
     rh, rw, rb = _head(10, k=20)  # the reference's hidden size differs
+    rb = torch.stack([rb, rb], 1)[:, 0]  # a strided bias
     blocked = torch.tensor([0, 69])
 
     def ref(h, w, b):

@@ -182,7 +182,7 @@ def _f32(n: int, like: torch.Tensor) -> torch.Tensor:
 
 def logprob_fwd(x: torch.Tensor, t: torch.Tensor, inv_temp: float):
     """As ``_kernels.logprob_fwd``: (log softmax(x*s)[t], c, log_s) per row of ``x`` [n, V]; fp32."""
-    x = _rows(x)
+    x, t = _rows(x), t.contiguous()  # the kernels index per-row vectors with unit stride
     n, v = x.shape
     out, c, log_s = _f32(n, x), _f32(n, x), _f32(n, x)
     if n:
@@ -193,7 +193,7 @@ def logprob_fwd(x: torch.Tensor, t: torch.Tensor, inv_temp: float):
 
 def logprob_bwd(x, t, c, log_s, g, inv_temp: float) -> torch.Tensor:
     """As ``_kernels.logprob_bwd``: g * s * (onehot(t) - p), in the dtype of ``x``."""
-    x = _rows(x)
+    x, t = _rows(x), t.contiguous()
     n, v = x.shape
     dx = torch.empty_like(x, memory_format=torch.contiguous_format)
     if n:
@@ -273,13 +273,15 @@ class _Head(torch.autograd.Function):
     @staticmethod
     def forward(ctx, kind, h, w, b, ref, t, blocked, inv_temp, with_entropy, policy_first, blocks):
         n, v = h.shape[0], w.shape[0]
-        h, w = _rows(h), _rows(w)
+        h, w, t = _rows(h), _rows(w), t.contiguous()
+        b = None if b is None else b.contiguous()
         bm, bv, bk, n_split, cols = _head_blocks(h, n, v, blocks)
         mask = _blocked_mask(blocked, v, h.device)
         part = torch.empty(6, n_split, n, dtype=torch.float32, device=h.device)
         is_kl = kind == "kl"
         if is_kl:
-            rh, rw, rb = _rows(ref[0]), _rows(ref[1]), ref[2]
+            rh, rw, rb = _rows(ref[0]), _rows(ref[1]), None if ref[2] is None else ref[2].contiguous()
+            ref = (rh, rw, rb)
             first, second = ((h, w, b), (rh, rw, rb)) if policy_first else ((rh, rw, rb), (h, w, b))
         else:
             first, second = (h, w, b), (h, w, None)
