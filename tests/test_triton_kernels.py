@@ -216,6 +216,13 @@ def test_triton_fused_head_in_bf16_matches_float64_of_the_bf16_values(interprete
         assert ((x.double() - y).norm() / y.norm()).item() < 1e-2
 
 
+def test_triton_fused_head_of_zero_rows_is_empty(interpreter):
+    h, w, b = _head(12)
+    out, ent = logprobs_from_hidden(h[:0], w, torch.zeros(0, dtype=torch.long), bias=b, with_entropy=True)
+    kl = kl_from_hidden(h[:0], w, h[:0], w)
+    assert out.shape == ent.shape == kl.shape == (0,)
+
+
 def _weighted(f, params):
     """(sum_i g_i f(params)_i, params) with fixed weights g, for torch.autograd.grad."""
     params = [p.detach().clone().requires_grad_() for p in params]

@@ -241,7 +241,7 @@ def _head_blocks(h: torch.Tensor, n: int, v: int, blocks: dict | None):
     if blocks is None:
         blocks = HEAD_BLOCKS if h.is_cuda else INTERPRETER_HEAD_BLOCKS
     bm, bv, bk = blocks["BLOCK_M"], blocks["BLOCK_V"], blocks["BLOCK_K"]
-    row_blocks = -(-n // bm)
+    row_blocks = max(1, -(-n // bm))
     v_tiles = -(-v // bv)
     n_split = blocks.get("n_split")
     if n_split is None:  # enough programs to fill the GPU twice over

@@ -135,7 +135,7 @@ def _head_tile(H, W, Bias, Blocked, rows, cols, N, V, K, stride_h, stride_w, inv
     for k0 in range(0, K, BLOCK_K):
         kk = k0 + ks
         h = tl.load(H + rows[:, None] * stride_h + kk[None, :], mask=(rows[:, None] < N) & (kk[None, :] < K), other=0.0)
-        w = tl.load(W + cols[:, None] * stride_w + kk[None, :], mask=(cols[:, None] < V) & (kk[None, :] < K), other=0.0)
+        w = tl.load(W + cols[:, None].to(tl.int64) * stride_w + kk[None, :], mask=(cols[:, None] < V) & (kk[None, :] < K), other=0.0)
         if DOT_F32:  # the interpreter's bf16/fp16 dot is wrong; products of bf16/fp16 values are exact in fp32
             h = h.to(tl.float32)
             w = w.to(tl.float32)
@@ -274,7 +274,7 @@ def _head_bwd_kernel(
         for k0 in range(0, K, BLOCK_K):
             kk = k0 + ks
             if NEED_H:
-                w = tl.load(W + cols[:, None] * stride_w + kk[None, :], mask=(cols[:, None] < V) & (kk[None, :] < K), other=0.0)
+                w = tl.load(W + cols[:, None].to(tl.int64) * stride_w + kk[None, :], mask=(cols[:, None] < V) & (kk[None, :] < K), other=0.0)
                 if DOT_F32:
                     w = w.to(tl.float32)
                 if IEEE or DOT_F32:
