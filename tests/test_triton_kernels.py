@@ -254,6 +254,26 @@ def test_cuda_tensors_without_a_usable_triton_fall_back_with_one_warning_naming_
         assert _triton.wanted(fake) is False  # once
 
 
+def test_a_failing_triton_kernel_falls_back_to_the_torch_kernels_with_one_warning(monkeypatch):
+    monkeypatch.setattr(_triton, "_failure", None)
+    monkeypatch.setattr(_triton, "_warned", set())
+    monkeypatch.setattr(_triton, "interpreting", lambda: False)  # as on a GPU
+    monkeypatch.setattr(_triton, "wanted", lambda *tensors: _triton._failure is None)
+
+    def ptxas_fails(*args):
+        raise RuntimeError("PTXAS error: out of resources")
+
+    monkeypatch.setattr(_triton, "logprob_fwd", ptxas_fails)
+    x, t = _logits(13, torch.float32), torch.arange(N)
+    with pytest.warns(RuntimeWarning, match="a Triton kernel failed .*PTXAS error.*torch kernels"):
+        out = logprobs_from_logits(x, t)
+    torch.testing.assert_close(out.double(), _ref_logprobs(x, t, 1.0), rtol=0, atol=2e-6)
+    assert "PTXAS" in _triton.failure()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        logprobs_from_logits(x, t)  # not tried again, no second warning
+
+
 def test_cpu_and_fp64_tensors_take_the_torch_kernels_unless_the_interpreter_is_asked_for():
     x = torch.zeros(2, 3)
     old = _triton.set_cpu_interpreter(False)

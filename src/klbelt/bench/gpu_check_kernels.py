@@ -245,10 +245,13 @@ def main(argv=None) -> int:
     where = torch.cuda.get_device_name() if args.device == "cuda" else "CPU, Triton interpreter (timings mean nothing)"
     print(f"klbelt kernel check on {where}; torch {torch.__version__}")
     print("\n".join(table(correct, kernels, fused, args.device)))
+    failure = _triton.failure()
+    if failure:  # the rows after it ran the torch kernels
+        print(f"Triton kernels given up: {failure}")
     if args.json:
         with open(args.json, "w") as fh:
-            json.dump({"correctness": correct, "kernels": kernels, "fused": fused}, fh, indent=1)
-    return 0 if all(r["ok"] for r in correct) else 1
+            json.dump({"correctness": correct, "kernels": kernels, "fused": fused, "triton_failure": failure}, fh, indent=1)
+    return 0 if all(r["ok"] for r in correct) and not failure else 1
 
 
 if __name__ == "__main__":

@@ -73,6 +73,28 @@ def _warn_once(reason: str) -> None:
 
 
 _force_cpu = os.environ.get("KLBELT_TRITON_CPU", "0") == "1"
+_failure: str | None = None  # why a Triton kernel failed in this process; it is not tried again
+
+
+def failure() -> str | None:
+    """Why the Triton kernels were given up in this process (a compile or launch error), else None."""
+    return _failure
+
+
+def guarded(fn, *args):
+    """``fn(*args)``, or None when the Triton compiler or launch fails: one warning, the torch kernels from then on.
+
+    In the interpreter (tests) the error is raised instead: there it is a bug to see, not a GPU to survive.
+    """
+    global _failure
+    try:
+        return fn(*args)
+    except Exception as exc:
+        if interpreting():
+            raise
+        _failure = f"a Triton kernel failed ({type(exc).__name__}: {str(exc)[:500]})"
+        _warn_once(_failure)
+        return None
 
 
 def set_cpu_interpreter(on: bool) -> bool:
@@ -98,6 +120,8 @@ def wanted(*tensors: torch.Tensor) -> bool:
     if any(t.dtype not in (torch.float32, torch.bfloat16, torch.float16) for t in tensors):
         return False
     if x.device.type == "cuda":
+        if _failure is not None:
+            return False
         ok, reason = _triton_status()
         if not ok:
             _warn_once(reason)

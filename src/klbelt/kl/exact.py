@@ -18,11 +18,11 @@ class _ExactKL(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, a, b, inv_temp, chunk_size):
-        ctx.triton = _triton.wanted(a, b)  # CUDA with Triton: one read of each input, no blocks
-        if ctx.triton:
-            kl, *row_stats = _triton.kl_fwd(a, b, inv_temp)
-        else:
-            kl, *row_stats = _kernels.forward("kl", (a, b), inv_temp, chunk_size)  # c_a, log_s_a, c_b, log_s_b
+        res = _triton.guarded(_triton.kl_fwd, a, b, inv_temp) if _triton.wanted(a, b) else None
+        ctx.triton = res is not None  # CUDA with Triton: one read of each input, no blocks
+        if res is None:
+            res = _kernels.forward("kl", (a, b), inv_temp, chunk_size)
+        kl, *row_stats = res  # c_a, log_s_a, c_b, log_s_b
         ctx.save_for_backward(a, b, kl, *row_stats)
         ctx.inv_temp, ctx.chunk_size = inv_temp, chunk_size
         return kl
@@ -33,8 +33,9 @@ class _ExactKL(torch.autograd.Function):
         need_a, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         n, v = a.shape
         g = g.to(kl.dtype)
-        if ctx.triton:
-            return (*_triton.kl_bwd(a, b, *row_stats, kl, g, ctx.inv_temp, need_a, need_b), None, None)
+        grads = _triton.guarded(_triton.kl_bwd, a, b, *row_stats, kl, g, ctx.inv_temp, need_a, need_b) if ctx.triton else None
+        if grads is not None:  # (else the torch kernels: the saved row statistics mean the same)
+            return (*grads, None, None)
         grad_a = grad_b = None
         whole = None
         for s, e in _kernels.blocks(n, v, ctx.chunk_size):

@@ -292,10 +292,13 @@ def logprobs_from_hidden(
     blocked = _check_blocked(blocked, vocab, hidden.device)
     h = hidden.reshape(-1, hidden.shape[-1])
     t = tokens.reshape(-1).long()
+    res = None
     if _triton.wanted(h, weight):  # CUDA with Triton: matmul and log-sum-exp in one kernel, no blocks
-        out, entropy = _triton.head(
-            "logprob", h, weight, bias, None, t, blocked, 1.0 / float(temperature), bool(with_entropy), True
+        res = _triton.guarded(
+            _triton.head, "logprob", h, weight, bias, None, t, blocked, 1.0 / float(temperature), bool(with_entropy), True
         )
+    if res is not None:
+        out, entropy = res
     else:
         step = _rows_per_block("logprob", h.shape[0], vocab, h.dtype, chunk_size)
         out, entropy = _FusedHead.apply(
@@ -365,10 +368,13 @@ def kl_from_hidden(
         None if ref_bias is None else ref_bias.detach(),
     )
     t = torch.empty(0, dtype=torch.long, device=hidden.device)
+    res = None
     if _triton.wanted(h, weight) and ref[0].dtype == h.dtype and ref[1].dtype == h.dtype:
-        out, _ = _triton.head(
-            "kl", h, weight, bias, ref, t, blocked, 1.0 / float(temperature), False, direction == "reverse"
+        res = _triton.guarded(
+            _triton.head, "kl", h, weight, bias, ref, t, blocked, 1.0 / float(temperature), False, direction == "reverse"
         )
+    if res is not None:
+        out = res[0]
     else:
         step = _rows_per_block("kl", h.shape[0], vocab, h.dtype, chunk_size)
         out, _ = _FusedHead.apply(

@@ -16,11 +16,9 @@ class _LogProbs(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, t, inv_temp, chunk_size):
-        ctx.triton = _triton.wanted(x)  # CUDA with Triton: one read of x, no blocks
-        if ctx.triton:
-            out, c, log_s = _triton.logprob_fwd(x, t, inv_temp)
-        else:
-            out, c, log_s = _kernels.forward("logprob", (x, t), inv_temp, chunk_size)
+        res = _triton.guarded(_triton.logprob_fwd, x, t, inv_temp) if _triton.wanted(x) else None
+        ctx.triton = res is not None  # CUDA with Triton: one read of x, no blocks
+        out, c, log_s = res if ctx.triton else _kernels.forward("logprob", (x, t), inv_temp, chunk_size)
         ctx.save_for_backward(x, t, c, log_s)
         ctx.inv_temp, ctx.chunk_size = inv_temp, chunk_size
         return out
@@ -30,8 +28,9 @@ class _LogProbs(torch.autograd.Function):
         x, t, c, log_s = ctx.saved_tensors
         n, v = x.shape
         g = g.to(c.dtype)
-        if ctx.triton:
-            return _triton.logprob_bwd(x, t, c, log_s, g, ctx.inv_temp), None, None, None
+        grad = _triton.guarded(_triton.logprob_bwd, x, t, c, log_s, g, ctx.inv_temp) if ctx.triton else None
+        if grad is not None:  # (else the torch kernels: the saved row statistics mean the same)
+            return grad, None, None, None
         grad = None
         for s, e in _kernels.blocks(n, v, ctx.chunk_size):
             block = _kernels.run("logprob_bwd", n * v, x[s:e], t[s:e], c[s:e], log_s[s:e], g[s:e], ctx.inv_temp)
