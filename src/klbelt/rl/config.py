@@ -24,6 +24,8 @@ class TrainConfig:
     device: str = "cpu"  # torch device of models and tensors
     lora_rank: int = 0  # 0 = full fine-tune; r > 0 trains LoRA adapters (peft) and scores the reference with them disabled
     lora_alpha: float | None = None  # LoRA scale numerator (default 2 * lora_rank)
+    reference: str = "initial"  # the frozen reference: "initial" (the policy as given, its adapters included, frozen) or "base" (every adapter disabled: the bare base model)
+    ref_sync_every: int = 0  # 0 = never; N > 0: every N updates the reference becomes the current policy (TR-DPO's hard update; the controller keeps its state)
     fused_head: bool = True  # log-probs from the last hidden states and the LM head in row blocks, never the [B, R, V] logits (false: full logits)
     bf16: bool = False  # bf16 autocast for the trained forward passes where the CPU/GPU supports it; log-probs and KL stay fp32
     attn_implementation: str = "model"  # attention of every pass: "model" (as loaded), "sdpa", "eager" (Hugging Face's) or "klbelt_fp32" (scores, softmax and sum in fp32, materialised: fastest on CPU for short sequences, O(length^2) memory)
@@ -45,7 +47,8 @@ class TrainConfig:
     is_band: list[float] | None = None  # the issue's `band`: [lo, hi] with 0 <= lo < 1 < hi for "band"/"mis" (null: [0.5, 2.0] for "band")
     # --- KL penalty
     kl_in: str = "reward"  # "reward": -beta*k1 per token in the reward (PPO); "loss": beta*k2|k3 in the loss (GRPO)
-    kl_estimator: str = "k1"  # estimator for kl_in: k1 (reward), k2 or k3 (loss)
+    kl_estimator: str = "k1"  # estimator for kl_in: k1 (reward), k2 or k3 (loss); "exact" (kl_in reward): the logged and controlled KL is the exact full-vocabulary KL(pi || ref) per visited position (always so under top_k/top_p)
+    kl_ratio_correction: bool = True  # kl_in loss: weigh each token's KL by pi_theta/pi_old (TRL's use_bias_correction_kl; k3: the differentiable ratio, k2: its value), so later epochs/minibatches keep the gradient of KL(pi_theta || ref)
     kl_coef: float = 0.1  # beta, or the initial beta of an adaptive controller
     controller: str = "adaptive"  # "fixed", "adaptive" (step rule), "proportional" (Ziegler 2019) or "pid"
     target_kl: float = 0.05  # controller target, in the controller's unit (kl_unit)
@@ -85,7 +88,8 @@ class TrainConfig:
         self.kl_estimator = ESTIMATOR_ALIASES.get(self.kl_estimator, self.kl_estimator)  # verl's names: kl, mse, low_var_kl
         choices = {
             "kl_in": ("reward", "loss"),
-            "kl_estimator": ("k1", "k2", "k3", "abs"),
+            "kl_estimator": ("k1", "k2", "k3", "abs", "exact"),
+            "reference": ("initial", "base"),
             "controller": ("fixed", "adaptive", "proportional", "pid"),
             "kl_unit": ("token-mean", "seq-sum"),
             "advantage": ("gae", "group"),
@@ -149,7 +153,16 @@ class TrainConfig:
             raise ValueError(f"config vllm_python must be null ($KLBELT_VLLM_PYTHON) or the path of a python, got {self.vllm_python!r}")
         if self.sampler == "vllm" and (self.top_k or self.top_p < 1.0):
             raise ValueError(f"config sampler 'vllm' needs top_k 0 and top_p 1.0, got top_k={self.top_k!r}, top_p={self.top_p!r} "
-                             "(vLLM reports log-probs of the top-k/top-p-filtered distribution, the trainer's are of the full one)")
+                             "(klbelt's vLLM worker returns the raw model's log-probs, not those of the filtered distribution it "
+                             "draws from; use sampler 'policy', 'bf16' or 'bf16-merged' with top_k/top_p)")
+        if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 0:
+            raise ValueError(f"config top_k must be an int >= 0 (0 = off), got {self.top_k!r}")
+        if isinstance(self.top_p, bool) or not isinstance(self.top_p, (int, float)) or not 0 < self.top_p <= 1:
+            raise ValueError(f"config top_p must be a number in (0, 1] (1.0 = off), got {self.top_p!r}")
+        if isinstance(self.ref_sync_every, bool) or not isinstance(self.ref_sync_every, int) or self.ref_sync_every < 0:
+            raise ValueError(f"config ref_sync_every must be an int >= 0 (0 = never), got {self.ref_sync_every!r}")
+        if not isinstance(self.kl_ratio_correction, bool):
+            raise ValueError(f"config kl_ratio_correction must be true or false, got {self.kl_ratio_correction!r}")
         if not isinstance(self.fused_head, bool):
             raise ValueError(f"config fused_head must be true or false, got {self.fused_head!r}")
         if not isinstance(self.bf16, bool):
@@ -166,7 +179,8 @@ class TrainConfig:
         if self.batch_size % self.minibatches:
             raise ValueError(f"config batch_size ({self.batch_size}) must be a multiple of minibatches ({self.minibatches})")
         if self.kl_in == "loss" and self.kl_estimator not in ("k2", "k3"):
-            raise ValueError("config kl_in='loss' needs kl_estimator 'k2' (grad of KL(pi||ref)) or 'k3' (grad of KL(ref||pi))")
+            raise ValueError("config kl_in='loss' needs kl_estimator 'k2' or 'k3' (with kl_ratio_correction both give the gradient "
+                             f"of KL(pi||ref); k3 without it, on-policy, that of KL(ref||pi)), got {self.kl_estimator!r}")
 
     @classmethod
     def from_dict(cls, values: dict, notes: list | None = None) -> "TrainConfig":

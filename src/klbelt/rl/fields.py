@@ -42,6 +42,7 @@ ALIASES = {
     "model_name_or_path": "model",  # TRL scripts
     "total_steps": "steps",
     "init_kl_coef": "kl_coef",  # TRL < 0.12 PPOConfig
+    "use_bias_correction_kl": "kl_ratio_correction",  # TRL GRPOConfig
 }
 # TRL/verl keys with no one-to-one klbelt field: the message names the klbelt key to use instead.
 INSTEAD = {

@@ -17,7 +17,8 @@ import warnings
 import torch
 from torch import nn
 
-from .rollout import Rollout, response_logprobs, unwrap
+from ..kl import kl_from_logits
+from .rollout import Rollout, response_logits, response_logprobs, unwrap
 
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj",  # Llama, Mistral, Qwen
                 "c_attn", "c_proj", "c_fc",  # GPT-2
@@ -189,6 +190,22 @@ class Reference:
             with adapters_disabled(self.policy) as base:
                 return response_logprobs(base, rollout, temperature)
         return response_logprobs(self.model, rollout, temperature)
+
+    @torch.no_grad()
+    def exact_kl(self, policy, rollout: Rollout, temperature: float = 1.0) -> torch.Tensor:
+        """``[B, R]`` exact KL(pi || ref) over the full vocabulary at each response position
+        (nats/token; blocked tokens removed from both; 0 on masked positions).
+
+        It depends on the visited states only, never on which token the sampler drew
+        there, so it stays the KL at those states whatever the sampler (top-k/top-p
+        included, whose support misses tokens that pi and ref give mass to)."""
+        logits = response_logits(policy, rollout).float()
+        if self.shared:
+            with adapters_disabled(self.policy) as base:
+                ref_logits = response_logits(base, rollout).float()
+        else:
+            ref_logits = response_logits(self.model, rollout).float()
+        return kl_from_logits(logits, ref_logits, temperature=temperature) * rollout.response_mask
 
     def base_parameters(self) -> list[torch.Tensor]:
         """The reference's weights (for its fingerprint): the frozen base weights under LoRA."""

@@ -28,9 +28,12 @@ class Rollout:
         attention_mask: ``[B, P + R]`` 0 on left padding of the prompt, 1 elsewhere.
         prompt_len: P.
         response_mask: ``[B, R]`` float, 1 on generated tokens up to and including EOS.
-        logprobs: ``[B, R]`` fp32 log-probs of the sampled tokens under the policy's
-            full distribution at the sampling temperature (before any top-k/top-p
-            or token blocking), computed from the sampling forward passes.
+        logprobs: ``[B, R]`` fp32 log-probs of the sampled tokens under the sampler's
+            distribution mu: the model's at the sampling temperature, blocked tokens
+            removed, then top-k/top-p filtered and renormalised (the distribution the
+            tokens were drawn from), computed from the sampling forward passes.
+        filtered_mass: ``[B, R]`` the model's probability mass that top-k/top-p dropped
+            at each step (0 on masked positions); ``None`` when no filter was on.
     """
 
     sequences: torch.Tensor
@@ -39,6 +42,7 @@ class Rollout:
     response_mask: torch.Tensor
     logprobs: torch.Tensor
     blocked_token_ids: tuple[int, ...] = ()
+    filtered_mass: torch.Tensor | None = None
 
     @property
     def responses(self) -> torch.Tensor:
@@ -52,6 +56,7 @@ class Rollout:
             self.response_mask[index],
             self.logprobs[index],
             self.blocked_token_ids,
+            None if self.filtered_mass is None else self.filtered_mass[index],
         )
 
 
@@ -136,6 +141,11 @@ def sample(
     distribution, never on the other rows. So a global batch split across
     data-parallel ranks (each rank passing its rows of one shared draw) samples
     the same tokens as one process sampling the whole batch.
+
+    ``top_k`` / ``top_p`` make a sampler mu other than the model: the tokens are drawn
+    from the filtered, renormalised distribution and the rollout records mu's
+    log-probs of them (and the mass each step's filter dropped, ``filtered_mass``),
+    so a trainer recomputes the model's own log-probs as for any other sampler.
     """
     B, P = prompt_ids.shape
     device = prompt_ids.device
@@ -156,7 +166,7 @@ def sample(
     filtered = bool(top_k and top_k < logits.shape[-1]) or top_p < 1.0
     blocked = torch.tensor(sorted(set(blocked_token_ids)), dtype=torch.long, device=device) if blocked_token_ids else None
     can_stop = stop_on_eos and eos_token_id is not None
-    tokens, logps, response_mask = [], [], []
+    tokens, logps, dropped, response_mask = [], [], [], []
     alive = torch.ones(B, dtype=torch.bool, device=device)
     for step in range(max_new_tokens):
         scaled = logits / temperature if temperature != 1.0 else logits
@@ -166,11 +176,13 @@ def sample(
             # distribution the tokens really came from: otherwise a policy could move mass onto
             # a never-sampled token and make every k1 estimate negative (a KL "bonus").
             scaled = scaled.index_fill(-1, blocked, float("-inf"))
-        logp_all = torch.log_softmax(scaled, dim=-1)
-        if filtered:
-            weights = torch.softmax(filter_logits(scaled, top_k, top_p), dim=-1)
-        else:  # softmax = exp(log_softmax): reuse it
-            weights = logp_all.exp()
+        if filtered:  # mu = the filtered, renormalised distribution: its log-probs are recorded
+            kept = filter_logits(scaled, top_k, top_p)
+            logp_all = torch.log_softmax(kept, dim=-1)
+            dropped.append(1.0 - torch.softmax(scaled, dim=-1).masked_fill(kept == float("-inf"), 0.0).sum(-1))
+        else:
+            logp_all = torch.log_softmax(scaled, dim=-1)
+        weights = logp_all.exp()
         token = inverse_cdf(weights, uniforms[:, step])
         if can_stop:
             token = torch.where(alive, token, torch.full_like(token, pad_token_id))
@@ -193,9 +205,10 @@ def sample(
     R = responses.shape[1]
     mask = torch.stack(response_mask, dim=1).float() if can_stop else torch.ones(B, R, device=device)
     logprobs = torch.stack(logps, dim=1) * mask
+    filtered_mass = (torch.stack(dropped, dim=1).clamp_min(0.0) * mask) if filtered else None
     sequences = torch.cat([prompt_ids, responses], dim=1)
     full_mask = attention[:, : P + R].contiguous()
-    return Rollout(sequences, full_mask, P, mask, logprobs, tuple(sorted(set(blocked_token_ids))))
+    return Rollout(sequences, full_mask, P, mask, logprobs, tuple(sorted(set(blocked_token_ids))), filtered_mass)
 
 
 def inverse_cdf(weights: torch.Tensor, u: torch.Tensor) -> torch.Tensor:

@@ -71,11 +71,12 @@ class RolloutCorrection:
     cap: float = 2.0
     band: tuple[float, float] | None = None
     world: World | None = None  # whose tokens the metrics cover; None: the default process group (World.current())
+    filtered: bool = False  # top_k/top_p on: mu is the filtered distribution, never the policy itself
 
     @property
     def active(self) -> bool:
-        # the plain policy sampler with no correction is today's path, untouched
-        return self.sampler != "policy" or self.correction != "off"
+        # the plain policy sampler, unfiltered, with no correction is today's path, untouched
+        return self.sampler != "policy" or self.correction != "off" or self.filtered
 
     def weights(self, trainer_logprobs, sampler_logprobs, mask):
         if self.correction == "tis":
@@ -106,9 +107,19 @@ class RolloutCorrection:
                 trainer_logprobs = response_logprobs(policy, roll, temperature)
         trainer_logprobs = trainer_logprobs.detach().float()
         weights, clipped = self.weights(trainer_logprobs, roll.logprobs, mask)
-        metrics = mismatch_metrics(trainer_logprobs, roll.logprobs, mask, weights, clipped,
-                                   self.world if self.world is not None else World.current())
+        world = self.world if self.world is not None else World.current()
+        metrics = mismatch_metrics(trainer_logprobs, roll.logprobs, mask, weights, clipped, world)
+        if roll.filtered_mass is not None:
+            metrics["filtered_mass"] = filtered_mass(roll.filtered_mass, mask, world)
         return trainer_logprobs, weights, metrics
+
+
+def filtered_mass(mass: torch.Tensor, mask: torch.Tensor, world: World) -> float:
+    """``filtered_mass``: the mean over the global batch's valid tokens of the probability mass
+    that top-k/top-p dropped from pi's distribution at each step (``mass`` ``[B, R]``, this rank's rows)."""
+    sums = world.all_sum(torch.stack([(mass.double() * mask).sum(), mask.double().sum()]))
+    total, n = sums.tolist()
+    return total / n if n else 0.0
 
 
 def mismatch_metrics(trainer_logprobs: torch.Tensor, sampler_logprobs: torch.Tensor, mask: torch.Tensor,

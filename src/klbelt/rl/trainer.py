@@ -107,7 +107,8 @@ def train(
     attention_before = set_attention_of([policy, reference.model, critic.trunk if critic else None], cfg.attn_implementation)
     fused_before = set_fused_head(cfg.fused_head)  # log-probs from hidden states in row blocks (klbelt.kl.fused), or full logits; restored at the end
     draw = make_sampler(cfg.sampler, vllm_python=cfg.vllm_python)  # the sampler mu that draws the rollouts
-    correction = RolloutCorrection(cfg.sampler, cfg.rollout_correction, cfg.is_cap, tuple(cfg.is_band) if cfg.is_band else None)
+    correction = RolloutCorrection(cfg.sampler, cfg.rollout_correction, cfg.is_cap, tuple(cfg.is_band) if cfg.is_band else None,
+                                   filtered=bool(cfg.top_k) or cfg.top_p < 1.0)  # top-k/top-p: mu is the filtered distribution
     placement = kl_placement(cfg)  # -beta * k1 in the reward, or beta * k2/k3 in the loss
     advantages_of = Advantages.from_config(cfg, world.group)  # GAE with the critic, or the group baseline
     prepare_tokenizer(tokenizer)

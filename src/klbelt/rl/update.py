@@ -163,6 +163,7 @@ class Scores:
     old_values: torch.Tensor | None  # [B, R] the critic's values, if there is one
     ref_nll: torch.Tensor  # [B] reference NLL per token of each response
     first_pass: tuple | None = None  # (log-probs with their graph, entropy) [B, R]: PPO's one pass, already run
+    exact_kl: torch.Tensor | None = None  # [B, R] exact full-vocabulary KL(pi || ref) per position (exact_kl_wanted)
 
 
 def single_pass(cfg: TrainConfig, correction) -> bool:
@@ -174,6 +175,16 @@ def single_pass(cfg: TrainConfig, correction) -> bool:
     sampler needs costs nothing.
     """
     return correction.active and cfg.ppo_epochs == 1 and cfg.minibatches == 1
+
+
+def exact_kl_wanted(cfg: TrainConfig) -> bool:
+    """Whether the observed KL is the exact per-position one: asked for (``kl_estimator: exact``), or needed.
+
+    A top-k/top-p sampler never draws the tokens it filtered out, which pi and the
+    reference still give mass to: no sampled estimate over mu's tokens (k1, nor pi/mu
+    times k1) is unbiased for KL(pi || ref) then, the exact sum over the vocabulary is.
+    """
+    return cfg.kl_estimator == "exact" or bool(cfg.top_k) or cfg.top_p < 1.0
 
 
 def score_batch(batch: Batch, reward_fn: RewardFn, reference, correction, policy, critic, cfg: TrainConfig,
@@ -190,6 +201,7 @@ def score_batch(batch: Batch, reward_fn: RewardFn, reference, correction, policy
     rewards = call_reward(reward_fn, batch.texts, roll).to(device)
     with torch.no_grad(), autocast(device, use_bf16 and correction.active):
         ref_logprobs = reference.logprobs(roll, cfg.temperature).float()
+        exact_kl = reference.exact_kl(policy, roll, cfg.temperature) if exact_kl_wanted(cfg) else None
     first_pass = None  # after the reference: its pass's memory is free again before this graph is held
     if single_pass(cfg, correction):
         with autocast(device, use_bf16):
@@ -201,7 +213,7 @@ def score_batch(batch: Batch, reward_fn: RewardFn, reference, correction, policy
         old_values = critic(roll) if critic else None
     n_tokens = mask.sum(-1).clamp_min(1)
     ref_nll = -(ref_logprobs * mask).sum(-1) / n_tokens  # per sample, nats/token
-    return Scores(rewards, ref_logprobs, old_logprobs, is_weights, mismatch, old_values, ref_nll, first_pass)
+    return Scores(rewards, ref_logprobs, old_logprobs, is_weights, mismatch, old_values, ref_nll, first_pass, exact_kl)
 
 
 # ---------------------------------------------------------------- 3. shape and advantages
@@ -213,24 +225,44 @@ class KLInReward:
     def reward_coef(self, kl_coef: float) -> float:
         return kl_coef
 
-    def loss_term(self, logprobs, ref_logprobs, mask, weights, kl_coef, group):
+    def loss_term(self, logprobs, ref_logprobs, mask, weights, kl_coef, group, old_logprobs=None):
         return None
 
 
 @dataclass
 class KLInLoss:
-    """GRPO's placement: ``beta * mean(k2 or k3)`` over valid tokens added to the loss; the reward is ``r`` alone."""
+    r"""GRPO's placement: ``beta * mean(k2 or k3)`` over valid tokens added to the loss; the reward is ``r`` alone.
+
+    ``ratio_correction`` (TRL's ``use_bias_correction_kl``): after the first minibatch the
+    tokens come from pi_old, not pi_theta, so each token's KL is weighed by
+    :math:`ho = \pi_	heta/\pi_{old}`. k3: the differentiable :math:`ho` (DeepSeek-V3.2):
+    :math:`
+abla E_{\pi_{old}}[ho\,k3] = 
+abla \sum_x \pi_	heta(x) k3(x) = 
+abla KL(\pi_	heta\|ref)`
+    in every epoch (also the first, where plain k3 gives that of KL(ref || pi)). k2: the
+    value of :math:`ho` (no gradient through it):
+    :math:`E_{\pi_{old}}[ho\,
+abla k2] = \sum_x \pi_	heta(x) \lograc{\pi_	heta}{ref}
+abla\log\pi_	heta = 
+abla KL(\pi_	heta\|ref)`
+    (a differentiable :math:`ho` would add the gradient of :math:`E_{\pi_	heta}[k2]`, not a KL).
+    """
 
     estimator: str
     log_ratio_clamp: float | None
     clamp_gradient: str
+    ratio_correction: bool = False
 
     def reward_coef(self, kl_coef: float) -> float:
         return 0.0
 
-    def loss_term(self, logprobs, ref_logprobs, mask, weights, kl_coef, group):
+    def loss_term(self, logprobs, ref_logprobs, mask, weights, kl_coef, group, old_logprobs=None):
         kl = kl_per_token(logprobs, ref_logprobs, self.estimator, log_ratio_clamp=self.log_ratio_clamp,
                           clamp_gradient=self.clamp_gradient, weights=weights)
+        if self.ratio_correction and old_logprobs is not None:
+            ratio = torch.exp((logprobs - old_logprobs.detach()) * mask)  # 1 on masked positions
+            kl = kl * (ratio if self.estimator == "k3" else ratio.detach())
         return kl_coef * aggregate(kl, mask, "token-mean", group=group)
 
 
@@ -238,7 +270,7 @@ def kl_placement(cfg: TrainConfig) -> KLInReward | KLInLoss:
     """Where the run puts the KL penalty (``cfg.kl_in``)."""
     if cfg.kl_in == "reward":
         return KLInReward()
-    return KLInLoss(cfg.kl_estimator, cfg.log_ratio_clamp, cfg.clamp_gradient)
+    return KLInLoss(cfg.kl_estimator, cfg.log_ratio_clamp, cfg.clamp_gradient, cfg.kl_ratio_correction)
 
 
 def shape_rewards_with_kl(scores: Scores, mask: torch.Tensor, reward_kl_coef: float, cfg: TrainConfig):
@@ -247,10 +279,14 @@ def shape_rewards_with_kl(scores: Scores, mask: torch.Tensor, reward_kl_coef: fl
     Returns ``(shaped, kl)``: ``shaped.rewards`` ``[B, R]`` for the advantages, and
     ``kl`` ``[B, R]``, the per-token KL the controller and the metrics see: never
     clamped (it is the run's true drift), and importance-weighted when another
-    sampler drew the tokens (``w * k1`` estimates KL(pi || ref) under mu).
+    sampler drew the tokens (``w * k1`` estimates KL(pi || ref) under mu), or the exact
+    full-vocabulary KL(pi || ref) at each visited position when the scores hold it
+    (``kl_estimator: exact``, or a top-k/top-p sampler; see :func:`exact_kl_wanted`).
     """
     shaped = shape_rewards(scores.rewards, scores.old_logprobs, scores.ref_logprobs, mask, reward_kl_coef, "k1",
                            log_ratio_clamp=cfg.log_ratio_clamp, clamp_gradient=cfg.clamp_gradient)
+    if scores.exact_kl is not None:
+        return shaped, scores.exact_kl * mask
     kl = (scores.old_logprobs - scores.ref_logprobs) * mask if cfg.log_ratio_clamp else shaped.kl
     return shaped, weigh(kl, scores.is_weights)
 
@@ -322,7 +358,7 @@ def ppo_epochs(state, train_policy, train_critic, batch: Batch, scores: Scores, 
             loss = pg_loss
             kl_loss = placement.loss_term(logprobs, scores.ref_logprobs[mb], mb_mask,
                                           None if scores.is_weights is None else scores.is_weights[mb], kl_coef,
-                                          world.group)
+                                          world.group, old_logprobs=scores.old_logprobs[mb])
             if kl_loss is not None:
                 loss = loss + kl_loss
             if cfg.entropy_coef:
