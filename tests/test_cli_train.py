@@ -149,3 +149,31 @@ def test_train_runs_on_smollm2_a_real_pretrained_model(tmp_path):
     from transformers import AutoModelForCausalLM
 
     assert AutoModelForCausalLM.from_pretrained(out / "policy").config.model_type == "llama"
+
+
+def test_train_with_a_local_sequence_classification_reward_model_dir(tmp_path, model_dir):
+    """``--reward DIR``: the rewards logged are the reward model's own scores of prompt + response
+    (Hugging Face's forward of the saved classifier, read at the last token), end to end."""
+    from transformers import GPT2Config, GPT2ForSequenceClassification
+
+    tok = word_tokenizer(WORDS)
+    torch.manual_seed(5)
+    rm = GPT2ForSequenceClassification(GPT2Config(vocab_size=len(tok), n_positions=64, n_embd=16, n_layer=1, n_head=2,
+                                                  num_labels=1, pad_token_id=tok.pad_token_id)).eval()
+    rm_dir = tmp_path / "rm"
+    rm.save_pretrained(rm_dir)
+    tok.save_pretrained(rm_dir)
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("the day\nthe night is\n")
+    out = tmp_path / "run"
+    assert main(["train", "--model", str(model_dir), "--prompts", str(prompts), "--reward", str(rm_dir), "--steps", "1",
+                 "--batch_size", "4", "--max_new_tokens", "3", "--block_eos", "true", "--out", str(out)]) == 0
+    (samples,) = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
+    with torch.no_grad():
+        truth = [float(rm(**tok([f"{p} {r}"], return_tensors="pt")).logits[0, 0])
+                 for p, r in zip(samples["prompts"], samples["responses"])]
+    # a response holding the (skipped) pad token decodes to fewer words than it has tokens: not comparable as text
+    whole = [i for i, r in enumerate(samples["responses"]) if len(r.split()) == 3]
+    assert len(whole) >= 2
+    assert [samples["rewards"][i] for i in whole] == pytest.approx([truth[i] for i in whole], abs=1e-5)
+    assert len(set(round(truth[i], 6) for i in whole)) > 1  # the scores really depend on the text

@@ -93,8 +93,11 @@ def load_prompts(source: str, tokenizer) -> list[str]:
     return prompts
 
 
-def load_reward(name: str):
-    """A texts -> scores reward: "vader", a local sequence-classification model dir, or "module:function"."""
+def load_reward(name: str, policy_tokenizer=None, device: str = "cpu"):
+    """A texts -> scores reward: "vader", a local sequence-classification model dir, or "module:function".
+
+    A model dir is a :class:`~klbelt.rl.reward_model.RewardModel` on ``device``: it scores the
+    rollout's token ids directly when it shares ``policy_tokenizer``'s vocabulary, else the decoded texts."""
     if name == "vader":
         from ..demo.rewards import proxy_reward
 
@@ -108,9 +111,9 @@ def load_reward(name: str):
     path = Path(name)
     if not (path / "config.json").is_file():
         raise ValueError(f"reward {name!r}: not 'vader', 'module:function' or a local sequence-classification model dir")
-    from ..rl.reward_model import SequenceClassifierReward
+    from ..rl.reward_model import RewardModel
 
-    return SequenceClassifierReward.from_pretrained(path)
+    return RewardModel.from_pretrained(str(path), policy_tokenizer=policy_tokenizer, device=device)
 
 
 def launch(args, cfg) -> int:
@@ -229,7 +232,7 @@ def train_and_save(args, cfg, world) -> int:
 
     model, tokenizer = load_policy(cfg.model)
     prompts = load_prompts(cfg.prompts, tokenizer)
-    reward = load_reward(cfg.reward)
+    reward = load_reward(cfg.reward, tokenizer, cfg.device)
     gold = None
     if cfg.model in ("demo", "tiny") and cfg.prompts == "demo":
         from ..demo.rewards import gold_reward as gold
