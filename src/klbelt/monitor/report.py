@@ -44,6 +44,14 @@ def _mark_alerts(ax, alerts):
         ax.axvline(a.step, color=_STATUS_COLOR[a.severity], lw=0.8, ls=":", alpha=0.8)
 
 
+def _mark_ref_syncs(ax, records) -> bool:
+    """Dashed grey lines at the steps after which the reference became the policy (``ref_sync`` events)."""
+    steps = [r["step"] for r in records if r.get("ref_sync") and "step" in r]
+    for step in steps:
+        ax.axvline(step, color="#6e7781", lw=1.0, ls="--", alpha=0.9)
+    return bool(steps)
+
+
 def figures(records, alerts=()) -> tuple[list[tuple[str, str, bytes]], list[str]]:
     """The report's plots as ``(title, caption, png_bytes)``, and the plots left out for lack of data."""
     import matplotlib
@@ -81,11 +89,14 @@ def figures(records, alerts=()) -> tuple[list[tuple[str, str, bytes]], list[str]
         else:
             ax2.text(0.5, 0.5, "max KL not in this log", ha="center", va="center", transform=ax2.transAxes)
         _mark_alerts(ax2, alerts)
+        synced = _mark_ref_syncs(ax1, records) | _mark_ref_syncs(ax2, records)
         ax2.set_xlabel("step")
         caption = (
             "Mean KL per step with the article's healthy band shaded; below, the largest per-token KL "
             "(spikes) and high percentiles. Dotted lines: steps where an alert fired."
         )
+        if synced:
+            caption += " Dashed grey lines: after these steps the reference became the current policy (ref_sync_every)."
         if not per_token:
             caption += " Only per-sequence KL was logged, so there is no per-token band."
         out.append(("KL over time", caption, _png(fig)))
@@ -98,6 +109,7 @@ def figures(records, alerts=()) -> tuple[list[tuple[str, str, bytes]], list[str]
         ax.plot(x, y, color="#bf3989")
         ax.set_xlabel("step")
         ax.set_ylabel("kl_coef (beta)")
+        _mark_ref_syncs(ax, records)
         out.append(("beta over time", "The KL penalty coefficient beta (kl_coef) at each step.", _png(fig)))
     else:
         missing.append("beta over time (no kl_coef)")

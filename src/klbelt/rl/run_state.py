@@ -102,9 +102,12 @@ class RunState:
     shuffle_gen: torch.Generator  # the PPO minibatch order
     ref_fingerprint: list[float] = field(default_factory=list)
     step: int = 0  # the next update to run
+    reference_model: torch.nn.Module | None = None  # the frozen reference, when ref_sync_every may overwrite it
+    ref_synced: bool = False  # a sync has overwritten the reference: the checkpoint keeps its weights
 
     @classmethod
-    def create(cls, cfg: TrainConfig, policy, critic, reference_params, device: torch.device) -> "RunState":
+    def create(cls, cfg: TrainConfig, policy, critic, reference_params, device: torch.device,
+               reference_model=None) -> "RunState":
         """A fresh run: AdamW on each model's fp32 masters, the controller at its initial beta, seeded streams."""
         policy_master = MasterWeights(policy)
         critic_master = MasterWeights(critic) if critic else None
@@ -120,6 +123,7 @@ class RunState:
             sample_gen=torch.Generator(device=device).manual_seed(cfg.seed),
             shuffle_gen=torch.Generator().manual_seed(cfg.seed + 1),
             ref_fingerprint=fingerprint(reference_params),
+            reference_model=reference_model,
         )
 
     def checkpoint_bytes(self) -> int:
@@ -143,6 +147,8 @@ class RunState:
             "config": self.cfg.to_dict(),
             "ref_fingerprint": self.ref_fingerprint,
         }
+        if self.ref_synced:  # ref_sync_every: the reference is no longer the initial one
+            state["reference"] = self.reference_model.state_dict()
         atomic_torch_save(state, path)
 
     def load(self, path: Path | str, device: torch.device) -> int:
@@ -164,6 +170,9 @@ class RunState:
             self.critic.load_state_dict(state["critic"])
             self.critic_master.load_state_dict(state.get("critic_master"))
             self.critic_opt.load_state_dict(state["critic_opt"])
+        if "reference" in state:
+            self.reference_model.load_state_dict(state["reference"])
+            self.ref_synced = True
         self.controller.load_state_dict(state["controller"])
         self.sample_gen.set_state(state["sample_gen"])
         self.shuffle_gen.set_state(state["shuffle_gen"])

@@ -23,7 +23,7 @@ from .critic import ValueModel
 from .distributed import World
 from .io import check_writable
 from .lora import Reference, apply_lora, hold_base_in_bf16, is_lora, resolve_bf16, restore_fp32
-from .rollout import set_fused_head
+from .rollout import set_fused_head, unwrap
 from .run_files import RunFiles, write_run_report
 from .run_state import RunState, checkpoint_bytes, fingerprint, make_controller
 from .samplers import RolloutCorrection, make_sampler
@@ -100,7 +100,7 @@ def train(
     torch.manual_seed(cfg.seed)
 
     # The run's options, chosen once.
-    policy, reference = policy_and_reference(cfg, policy, ref_policy, device)  # LoRA: reference = adapters off
+    policy, reference = policy_and_reference(cfg, policy, ref_policy, device)  # the policy as given (cfg.reference), frozen
     critic = ValueModel.from_policy(policy).to(device).eval() if cfg.advantage == "gae" else None
     use_bf16 = resolve_bf16(cfg.bf16, device)  # autocast for the differentiated passes only
     # the attention kernel of every pass (policy, reference, critic, and the sampler copies built from them); restored at the end
@@ -114,7 +114,8 @@ def train(
     prepare_tokenizer(tokenizer)
 
     # The run's state, its files, and where it starts (a resumed run continues from its checkpoint).
-    state = RunState.create(cfg, policy, critic, reference.base_parameters(), device)
+    state = RunState.create(cfg, policy, critic, reference.base_parameters(), device,
+                            reference_model=reference.model if cfg.ref_sync_every else None)
     # A full disk must stop the run now, not at its first checkpoint: room for two checkpoints and the logs.
     check_writable(cfg.out, need_bytes=2 * state.checkpoint_bytes() + (16 << 20))
     files = RunFiles(cfg, world)
@@ -148,6 +149,10 @@ def train(
             # 6. Metrics, samples, checkpoint.
             record, per_seq = step_metrics(monitor, step, batch, scores, kl, ppo, observed, kl_coef,
                                            state.controller.kl_coef, gold_fn, cfg, world, t0)
+            if cfg.ref_sync_every and (step + 1) % cfg.ref_sync_every == 0:  # the next update's reference is this policy
+                sync_reference(reference, policy)
+                state.ref_synced = True
+                record["ref_sync"] = 1  # the event (a number: the monitor reads every field as one), in metrics.jsonl and marked in the report's plots
             files.write_step(step, record, batch, per_seq[:, 0], kl, tokenizer)
             if files.checkpoint_due(step):
                 files.sync()
@@ -187,17 +192,35 @@ def check_batch(cfg: TrainConfig, prompts: list[str], world: World) -> None:
 def policy_and_reference(cfg: TrainConfig, policy, ref_policy, device: torch.device):
     """The trained policy (with LoRA adapters when ``cfg.lora_rank``) and its frozen reference.
 
-    Under LoRA with no explicit reference, the reference is the policy with its
-    adapters disabled (no second copy of the weights); otherwise ``ref_policy``
-    or a frozen copy of the policy as it starts.
+    ``cfg.reference``: ``"initial"`` (the default) is the policy as given, frozen: a
+    policy that arrives with adapters (RL after a LoRA SFT) gets a frozen copy of
+    itself, adapters included; ``"base"`` disables every adapter (the bare base
+    model). Adapters added here start at zero, so for them the two are the same
+    model and the reference is the policy with its adapters off (no second copy),
+    unless ``cfg.ref_sync_every`` will overwrite the reference (then a frozen copy).
+    An explicit ``ref_policy`` is the reference of a policy without adapters.
     """
     policy.to(device).eval()  # eval(): no dropout, so sampled and trained log-probs agree
-    if cfg.lora_rank and not is_lora(policy):
+    arrived_with_adapters = is_lora(policy)
+    if ref_policy is not None and arrived_with_adapters:
+        raise ValueError(f"config reference {cfg.reference!r} and ref_policy (an explicit reference model) both name the "
+                         "reference of a policy that starts with adapters; pass ref_policy=None (reference 'initial': the "
+                         "policy as given, 'base': adapters off), or a policy without adapters")
+    if cfg.lora_rank and not arrived_with_adapters:
         policy = apply_lora(policy, cfg.lora_rank, cfg.lora_alpha)
-    if ref_policy is None and is_lora(policy):
+    copy_needed = cfg.ref_sync_every > 0 or (arrived_with_adapters and cfg.reference == "initial")
+    if ref_policy is None and is_lora(policy) and not copy_needed:
         return policy, Reference(policy)
     frozen = ref_policy if ref_policy is not None else copy.deepcopy(policy)
     return policy, Reference(policy, frozen.to(device).eval().requires_grad_(False))
+
+
+@torch.no_grad()
+def sync_reference(reference: Reference, policy) -> None:
+    """TR-DPO's hard update: the reference becomes the current policy (its weights copied into the frozen model)."""
+    source = unwrap(policy).state_dict()
+    for name, tensor in reference.model.state_dict().items():
+        tensor.copy_(source[name])
 
 
 def prepare_tokenizer(tokenizer) -> None:
