@@ -18,7 +18,7 @@ def _run(log_dir, kl_value, steps=20, **extra):
 @pytest.mark.parametrize(
     "kl_value, code, word",
     [
-        (lambda t: 0.05 * min(1.0, (t + 1) / 5), 0, "healthy"),
+        (lambda t: 0.05 * min(1.0, t / 5), 0, "healthy"),  # 0 before the first update (else step0_kl warns)
         (lambda t: 0.5, 1, "warnings"),  # drifting above the band
         (lambda t: -0.05, 2, "unhealthy"),  # an estimate that stays negative
     ],
@@ -29,8 +29,15 @@ def test_doctor_exit_code_is_0_healthy_1_warnings_2_unhealthy(tmp_path, capsys, 
     out = capsys.readouterr().out
     assert out.splitlines()[1].split()[:3] == ["RULE", "STATUS", "ALERT"]
     assert f"verdict: {word} (exit code {code})" in out
-    for rule in ("kl_band", "max_kl_spike", "kl_runaway", "reward_hacking", "mode_collapse", "negative_kl"):
+    for rule in ("kl_band", "max_kl_spike", "kl_runaway", "reward_hacking", "mode_collapse", "negative_kl", "step0_kl"):
         assert rule in out
+
+
+def test_doctor_names_a_non_zero_kl_at_the_first_step_with_its_usual_causes(tmp_path, capsys):
+    _run(tmp_path, lambda t: 0.02 + 0.03 * min(1.0, t / 5))  # 0.02 nats/token before any update
+    assert main(["doctor", str(tmp_path)]) == 1
+    out = capsys.readouterr().out
+    assert "step0_kl" in out and "dropout" in out and "reference" in out
 
 
 def test_doctor_reads_csv_with_a_column_mapping(tmp_path, capsys):

@@ -34,19 +34,22 @@ def test_json_is_one_object_whose_exit_code_and_alert_steps_match_the_rules(tmp_
     assert code == out["exit_code"] == 1 and out["verdict"] == "warnings"
     band = next(r for r in out["rules"] if r["rule"] == "kl_band")
     assert band["status"] == "warning" and band["alert_steps"] == [4]  # 5 steps in a row: steps 0-4
-    assert out["alert_steps"] == [4] and out["alerts"][0]["rule"] == "kl_band"
+    # and 0.5 nats/token before any update is named at step 0 (step0_kl)
+    assert out["alert_steps"] == [0, 4] and [a["rule"] for a in out["alerts"]] == ["step0_kl", "kl_band"]
     assert {r["rule"] for r in out["rules"]} >= {"kl_band", "negative_kl", "kl_runaway"}
     assert (out["steps"], out["first_step"], out["last_step"]) == (12, 0, 11)
 
 
 def test_a_rule_without_enough_history_says_so_and_a_run_too_short_for_every_rule_exits_4(tmp_path, capsys):
-    code, out = _doctor_json(capsys, _log(tmp_path / "short.jsonl", [{"kl": 0.05}] * 3))
+    short = tmp_path / "short.jsonl"  # first logged at step 2: too late for step0_kl to judge
+    short.write_text("".join(json.dumps({"step": i + 2, "kl": 0.05}) + "\n" for i in range(3)))
+    code, out = _doctor_json(capsys, short)
     status = {r["rule"]: (r["status"], r["message"]) for r in out["rules"]}
     assert status["kl_band"] == ("n/a", "not enough steps (3 of 5)")
     assert status["negative_kl"] == ("n/a", "not enough steps (3 of 10)")  # 10 negative steps in a row
     assert code == 4 and out["verdict"] == "nothing checked"
     # with enough steps the same rules report ok, and runaway (60 steps) still says it cannot judge
-    code, out = _doctor_json(capsys, _log(tmp_path / "long.jsonl", [{"kl": 0.05}] * 20))
+    code, out = _doctor_json(capsys, _log(tmp_path / "long.jsonl", [{"kl": 0.0}] + [{"kl": 0.05}] * 19))
     status = {r["rule"]: (r["status"], r["message"]) for r in out["rules"]}
     assert status["kl_band"][0] == "ok" and status["kl_runaway"] == ("n/a", "not enough steps (20 of 60)")
     assert code == 0
@@ -86,8 +89,11 @@ def test_openrlhf_tensorboard_log_maps_kl_and_ppo_kl_and_column_renames_any_metr
     assert [r["step"] for r in run.records] == list(range(1, 13))
     assert [r["kl"] for r in run.records] == pytest.approx([0.02 + 0.002 * s for s in range(1, 13)])
     assert all(r["kl_old_policy"] == pytest.approx(0.003) for r in run.records)
-    # every KL value is inside the band [0.01, 0.1] and non-negative: healthy is the true verdict
+    # every KL value is inside the band [0.01, 0.1] and non-negative; only the 0.022 at step 1, before
+    # the first update, is named (step0_kl)
     code, out = _doctor_json(capsys, DATA / "openrlhf_tb")
-    assert code == 0 and {r["rule"]: r["status"] for r in out["rules"]}["kl_band"] == "ok"
+    status = {r["rule"]: r["status"] for r in out["rules"]}
+    assert code == 1 and status["kl_band"] == "ok" and status["step0_kl"] == "warning"
+    assert {r["rule"] for r in out["rules"] if r["status"] == "warning"} == {"step0_kl"}
     renamed = read_run(DATA / "openrlhf_tb", {"gold_reward": "train/return"})
     assert all(r["gold_reward"] == pytest.approx(0.1) and "return" not in r for r in renamed.records)

@@ -14,7 +14,8 @@ from klbelt.monitor import (
     ModeCollapse,
     NegativeKL,
     RewardHacking,
-    default_rules,
+    StepZeroKL,
+    doctor_rules,
     diagnose,
     exit_code,
 )
@@ -70,6 +71,7 @@ TRIGGERS = {
     "mode_collapse entropy": (ModeCollapse(), lambda h: with_(h, "entropy", lambda t, v: v * math.exp(-t / 40))),
     "mode_collapse distinct_2": (ModeCollapse(), lambda h: with_(h, "distinct_2", lambda t, v: 0.8 / (1 + t / 20))),
     "negative_kl": (NegativeKL(), lambda h: with_(h, "kl", lambda t, v: -0.02 - v if t > 150 else v)),
+    "step0_kl": (StepZeroKL(), lambda h: with_(h, "kl", lambda t, v: 0.02 if t == 0 else v)),
 }
 
 
@@ -82,7 +84,7 @@ def test_rule_fires_on_history_built_to_trigger_it(case):
     assert verdict.message and verdict.thresholds
 
 
-@pytest.mark.parametrize("rule", default_rules(), ids=lambda r: r.name)
+@pytest.mark.parametrize("rule", doctor_rules(), ids=lambda r: r.name)
 def test_rule_is_silent_on_a_healthy_run_that_rises_then_plateaus(rule):
     steps, verdict = fired(healthy(), rule)
     assert steps == [] and verdict.status == "ok"
@@ -145,3 +147,11 @@ def test_per_sequence_kl_is_never_judged_against_the_per_token_band():
 def test_bad_thresholds_are_rejected_with_the_argument_named(make, match):
     with pytest.raises(ValueError, match=match):
         make()
+
+
+def test_step0_kl_names_the_usual_causes_and_ignores_a_run_first_logged_later():
+    steps, verdict = fired(TRIGGERS["step0_kl"][1](healthy()), StepZeroKL())
+    assert steps == [0] and "dropout" in verdict.message and "reference" in verdict.message and "top-k" in verdict.message
+    later = [r for r in TRIGGERS["step0_kl"][1](healthy()) if r["step"] >= 10]  # first logged at step 10: KL may be > 0
+    later[0]["kl"] = 0.05
+    assert fired(later, StepZeroKL())[0] == []

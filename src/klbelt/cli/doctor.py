@@ -65,7 +65,7 @@ def _only_old_policy_kl(records) -> bool:
 
 
 def run(args) -> int:
-    from ..monitor.rules import diagnose, exit_code
+    from ..monitor.rules import diagnose, doctor_rules, exit_code
     from .report import column_mapping
 
     try:
@@ -78,7 +78,7 @@ def run(args) -> int:
         if args.json:
             print(json.dumps({"path": args.path, "verdict": VERDICT_WORDS[UNREADABLE], "exit_code": UNREADABLE}))
         return UNREADABLE
-    verdicts, alerts = diagnose(run_.records)
+    verdicts, alerts = diagnose(run_.records, doctor_rules())
     code = exit_code(verdicts)
     steps = run_.records
     messages = []

@@ -479,9 +479,64 @@ class RolloutMismatch(Rule):
         return None
 
 
+class StepZeroKL(Rule):
+    """A clearly non-zero KL at the run's first logged step, when that step is the first update (0 or 1).
+
+    Before any update the policy *is* its reference, so every KL estimate is 0 there
+    (up to rounding). ``|kl| > tol`` nats/token (or ``|kl_seq| > seq_tol`` nats/sequence)
+    at that step means the two models were not scored alike.
+    """
+
+    name = "step0_kl"
+    metrics = ("kl", "kl_seq")
+
+    def __init__(self, tol=1e-3, seq_tol=1e-2, severity="warning"):
+        super().__init__(severity)
+        self.tol, self.seq_tol = float(_positive("tol", tol)), float(_positive("seq_tol", seq_tol))
+
+    def thresholds(self):
+        return f"|kl| > {self.tol} nats/token (or |kl_seq| > {self.seq_tol} nats/sequence) at the first logged step, if it is step 0 or 1"
+
+    def metric(self, history, recent=64):
+        """The KL metric, or None when the log's first KL record comes after the first update (nothing to judge)."""
+        metric = _first_present(history, self.metrics, None)
+        if metric is None:
+            return None
+        first = next(i for i, r in enumerate(history) if _values([r], metric))
+        step = history[first].get("step", first)
+        return metric if isinstance(step, (int, float)) and not isinstance(step, bool) and step <= 1 else None
+
+    def missing(self):
+        return "not checked: the log has no KL (kl, kl_seq) at step 0 or 1, before the policy moved"
+
+    def check(self, history):
+        metric = self.metric(history)
+        if metric is None or len(_values(history, metric)) != 1 or not _values(history[-1:], metric):
+            return None  # only at the first record that logs the KL
+        step = history[-1].get("step", len(history) - 1)
+        value = float(history[-1][metric])
+        tol = self.tol if metric == "kl" else self.seq_tol
+        if abs(value) <= tol:
+            return None
+        unit = "nats/token" if metric == "kl" else "nats/sequence"
+        return Finding(
+            f"{metric} is {value:.3g} {unit} at step {step}, before the policy has moved from its reference: the two "
+            "are not scored alike. Usual causes: dropout on (call model.eval(); TRL disables dropout with "
+            "disable_dropout=True), a reference that is not the starting policy (the bare base model under an SFT "
+            "adapter: klbelt's reference 'initial'), or a top-k/top-p sampling filter whose log-probs are taken as "
+            "the policy's (score the policy on the full vocabulary)",
+            value,
+        )
+
+
 def default_rules() -> list[Rule]:
-    """A fresh set of the seven rules with their default thresholds."""
+    """A fresh set of the seven rules a live monitor runs, with their default thresholds."""
     return [KLBand(), MaxKLSpike(), KLRunaway(), RewardHacking(), ModeCollapse(), NegativeKL(), RolloutMismatch()]
+
+
+def doctor_rules() -> list[Rule]:
+    """The rules ``klbelt doctor`` checks a finished run's log with: the live ones and ``step0_kl``."""
+    return default_rules() + [StepZeroKL()]
 
 
 class RuleEngine:
