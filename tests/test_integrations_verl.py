@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -102,3 +103,43 @@ def test_doctor_reads_the_log_verls_file_logger_wrote(tmp_path, capsys):
     assert out["verdict"] == "warnings" and out["exit_code"] == 1
     band = next(r for r in out["rules"] if r["rule"] == "kl_band")
     assert band["status"] == "warning" and "barely moving" in band["message"]
+
+
+def _verl_actor_batch(B=3, P=2, R=4):
+    """Inputs of verl's own ``ppo_loss`` (padded batch, every position valid)."""
+    from tensordict import TensorDict
+
+    def rand(seed, *shape):
+        return -torch.rand(*shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+
+    td = TensorDict({"prompts": torch.ones(B, P, dtype=torch.long), "responses": torch.ones(B, R, dtype=torch.long),
+                     "attention_mask": torch.ones(B, P + R, dtype=torch.long), "response_mask": torch.ones(B, R),
+                     "old_log_probs": rand(1, B, R), "advantages": rand(2, B, R) + 0.5, "ref_log_prob": rand(3, B, R)},
+                    batch_size=[B])
+    for key, value in {"dp_size": 1, "batch_num_tokens": None, "global_batch_size": None}.items():
+        td.set_non_tensor(key, value)
+    return {"log_probs": rand(0, B * (P + R))}, td
+
+
+def test_verl_kl_controller_drives_the_actors_kl_loss_coef_in_verls_own_loss():
+    _verl()
+    pytest.importorskip("verl.workers.utils.losses")
+    from verl.workers.config import ActorConfig
+    from verl.workers.utils.losses import ppo_loss
+
+    actor = ActorConfig(strategy="fsdp", use_kl_loss=True, kl_loss_coef=0.001, ppo_micro_batch_size_per_gpu=1, rollout_n=1)
+    ctrl = VerlKLController(klbelt.PIDKLController(0.2, target_kl=0.01), kl_in="loss")
+    output, batch = _verl_actor_batch()
+    no_kl, _ = ppo_loss(dataclasses.replace(actor, kl_loss_coef=0.0), output, batch)
+    loss, metrics = ctrl.loss_fn(actor)(model_output=output, data=batch)  # how verl's engines call it
+    kl = float(metrics["kl_loss"].aggregate())
+    assert metrics["kl_coef"] == 0.2 and float(loss) == pytest.approx(float(no_kl) + 0.2 * kl, rel=1e-12)
+    # the step's KL is above the target: beta rises, and the next loss function carries it
+    beta = ctrl.observe({"actor/kl_loss": metrics["kl_loss"]}, n_steps=3)
+    assert beta > 0.2 and ctrl.loss_fn(actor)(model_output=output, data=batch)[1]["kl_coef"] == beta
+    with pytest.raises(ValueError, match="actor/kl_loss"):
+        ctrl.observe({"actor/pg_loss": 0.1}, n_steps=3)
+    with pytest.raises(ValueError, match="use_kl_loss is False"):
+        ctrl.actor_config(dataclasses.replace(actor, use_kl_loss=False))
+    with pytest.raises(ValueError, match="kl_in='loss'"):
+        VerlKLController(klbelt.FixedKLController(0.1)).actor_config(actor)
