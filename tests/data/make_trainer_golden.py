@@ -61,7 +61,14 @@ HISTORY = (
     "to the bit. The signature (not the metrics) was widened for issue 22: torch's \"AVX512\" was shared by an AMD "
     "EPYC (AVX512-BF16) and an Intel Xeon (AMX, AVX512-FP16) whose kernels round differently, so it now also names the "
     "CPU's vendor, model and dispatch ISA extensions (klbelt._machine.float_kernel_signature); an AMD EPYC of family 26 "
-    "reproduced every recorded metric bit for bit with the code of that change, and its signature is the one stored."
+    "reproduced every recorded metric bit for bit with the code of that change, and its signature is the one stored. "
+    "Re-recorded for issue 24's two deliberate changes, every other run unchanged to the bit: (1) "
+    "kl_ratio_correction (default true) weighs the KL in the loss by pi_theta/pi_old, which moves the three kl_in: loss "
+    "runs (group-loss-k3-adaptive-seq, group-loss-k2-fixed, bf16-sampler-mis-group; with kl_ratio_correction false "
+    "they reproduce the previous recording bit for bit); (2) top_k/top_p are a sampler: the rollout records the "
+    "filtered distribution's log-probs and the observed KL is the exact full-vocabulary KL, which moves "
+    "bf16-sampler-band-unfused (its mismatch_kl is now the filter's 0.8 nats/token instead of the bf16 noise, it "
+    "logs filtered_mass, and the band correction zeroes every token's weight since pi/mu = the kept mass < 0.5)."
 )
 
 
