@@ -179,3 +179,27 @@ def test_every_test_here_passes_on_the_newest_trl_too():
     assert done.returncode == 0, tail
     # everything ran there except this launcher: no test skipped for a missing TRL feature
     assert "1 skipped" in tail and "failed" not in tail, tail
+
+
+@pytest.mark.slow
+def test_monitor_only_at_beta_zero_logs_the_kl_trl_itself_logs_at_a_negligible_beta(tmp_path):
+    """beta = 0 (GRPO's default): klbelt scores the reference and TRL logs ``kl``; the values are TRL's own
+    k3 of a run with beta = 1e-12 (the same samples and updates, TRL computing the KL itself)."""
+    from transformers import AutoModelForCausalLM
+
+    from klbelt.integrations import trl as kltrl
+
+    runs = {}
+    for name, beta in (("zero", 0.0), ("tiny", 1e-12)):
+        trainer = _grpo(tmp_path, tmp_path / name, max_steps=3, beta=beta, disable_dropout=True, save_strategy="no")
+        if beta == 0:
+            with pytest.raises(ValueError, match="pass ref_model="):  # no PEFT, no reference given: says what to pass
+                kltrl.attach(trainer, monitor_only=True)
+            kltrl.attach(trainer, monitor_only=True, ref_model=AutoModelForCausalLM.from_pretrained(tmp_path / "model"))
+        else:
+            kltrl.attach(trainer, monitor_only=True)  # TRL scores its own reference
+        trainer.train()
+        runs[name] = _lines(tmp_path / name / "klbelt" / "metrics.jsonl")
+    ours, theirs = [r["kl"] for r in runs["zero"]], [r["kl"] for r in runs["tiny"]]
+    assert len(ours) == 3 and ours == pytest.approx(theirs, rel=1e-3, abs=1e-7)
+    assert abs(ours[0]) < 1e-6 and ours[-1] > 1e-4  # 0 before the first update, then the policy moves
