@@ -35,9 +35,10 @@ def tok():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("kl_in,estimator", [("reward", "k1"), ("loss", "k2")])
+@pytest.mark.parametrize("kl_in,estimator", [("reward", "k1"), ("loss", "k2"), ("loss", "k3")])  # k3: with kl_ratio_correction
 def test_trainer_converges_to_the_closed_form_kl_regularised_optimum(tmp_path, tok, kl_in, estimator):
-    # One response token: the optimum of E[r] - beta * KL(pi || ref) is pi* = ref * exp(r / beta) / Z.
+    # One response token: the optimum of E[r] - beta * KL(pi || ref) is pi* = ref * exp(r / beta) / Z (k3 in the loss
+    # reaches it through kl_ratio_correction: its gradient is then that of KL(pi || ref), not KL(ref || pi)).
     beta = 0.5
     model = tiny_gpt2(len(tok))
     ref = _next_token_probs(model, tok)

@@ -181,3 +181,31 @@ def test_train_with_top_p_logs_zero_kl_before_any_update_and_the_filtered_mass(t
     assert record["kl"] == 0.0
     assert record["filtered_mass"] > 0.05 and record["mismatch_kl"] > 0.0
     assert json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[0])["filtered_mass"] == record["filtered_mass"]
+
+
+def test_kl_estimator_exact_logs_the_full_vocabulary_kl_never_a_negative_token(tmp_path):
+    """Per token, the exact KL(pi || ref) is >= 0 where a k1 sample is often negative; both read 0 before the first update (k1 to rounding)."""
+    from klbelt.rl.trainer import train
+
+    tok = word_tokenizer(WORDS)
+    runs = {}
+    for estimator in ("exact", "k1"):
+        cfg = TrainConfig(steps=3, batch_size=8, max_new_tokens=4, lr=3e-2, kl_estimator=estimator, out=str(tmp_path / estimator))
+        runs[estimator] = train(cfg, tiny_gpt2(len(tok), seed=2), tok, ["a b", "c", "d e", "f"],
+                                lambda texts: torch.tensor([t.count("a") - t.count("c") for t in texts], dtype=torch.float32),
+                                warn_alerts=False)
+    exact, k1 = runs["exact"], runs["k1"]
+    assert exact[0]["kl"] == 0.0 and abs(k1[0]["kl"]) < 1e-6  # k1: the sampler's KV-cached pass vs a full forward
+    assert all(r["kl_min"] >= 0.0 for r in exact) and exact[-1]["kl"] > 1e-4
+    assert min(r["kl_min"] for r in k1[1:]) < 0.0  # the sampled estimate the exact one replaces
+
+
+def test_filter_settings_that_cannot_be_honoured_are_refused_by_name():
+    with pytest.raises(ValueError, match="config sampler 'vllm' needs top_k 0 and top_p 1.0"):
+        TrainConfig(sampler="vllm", top_p=0.9)
+    with pytest.raises(ValueError, match="config kl_in='loss' needs kl_estimator 'k2' or 'k3'.*'exact'"):
+        TrainConfig(kl_in="loss", kl_estimator="exact")
+    with pytest.raises(ValueError, match="config top_p must be a number in \\(0, 1\\]"):
+        TrainConfig(top_p=1.5)
+    with pytest.raises(ValueError, match="config top_k must be an int >= 0"):
+        TrainConfig(top_k=-1)
