@@ -129,6 +129,13 @@ def restore_fp32(params: list[nn.Parameter]) -> None:
         p.data = p.data.float()
 
 
+def adapters_at_zero(model) -> bool:
+    """Whether every LoRA adapter adds exactly nothing (all ``lora_B`` weights 0, peft's initialisation):
+    the policy with its adapters on is then the base model, bit for bit."""
+    with torch.no_grad():
+        return all(not bool(p.any()) for n, p in unwrap(model).named_parameters() if "lora_B" in n)
+
+
 def is_lora(model) -> bool:
     return hasattr(unwrap(model), "disable_adapter") and hasattr(unwrap(model), "peft_config")
 

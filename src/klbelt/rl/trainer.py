@@ -22,7 +22,7 @@ from .config import TrainConfig
 from .critic import ValueModel
 from .distributed import World
 from .io import check_writable
-from .lora import Reference, apply_lora, hold_base_in_bf16, is_lora, resolve_bf16, restore_fp32
+from .lora import Reference, adapters_at_zero, apply_lora, hold_base_in_bf16, is_lora, resolve_bf16, restore_fp32
 from .rollout import set_fused_head, unwrap
 from .run_files import RunFiles, write_run_report
 from .run_state import RunState, checkpoint_bytes, fingerprint, make_controller
@@ -195,18 +195,18 @@ def policy_and_reference(cfg: TrainConfig, policy, ref_policy, device: torch.dev
     ``cfg.reference``: ``"initial"`` (the default) is the policy as given, frozen: a
     policy that arrives with adapters (RL after a LoRA SFT) gets a frozen copy of
     itself, adapters included; ``"base"`` disables every adapter (the bare base
-    model). Adapters added here start at zero, so for them the two are the same
-    model and the reference is the policy with its adapters off (no second copy),
+    model). Adapters added here (or given) at zero leave the two the same model,
+    and the reference is the policy with its adapters off (no second copy),
     unless ``cfg.ref_sync_every`` will overwrite the reference (then a frozen copy).
     An explicit ``ref_policy`` is the reference of a policy without adapters.
     """
     policy.to(device).eval()  # eval(): no dropout, so sampled and trained log-probs agree
-    arrived_with_adapters = is_lora(policy)
+    arrived_with_adapters = is_lora(policy) and not adapters_at_zero(policy)  # zero adapters: the base itself
     if ref_policy is not None and arrived_with_adapters:
         raise ValueError(f"config reference {cfg.reference!r} and ref_policy (an explicit reference model) both name the "
                          "reference of a policy that starts with adapters; pass ref_policy=None (reference 'initial': the "
                          "policy as given, 'base': adapters off), or a policy without adapters")
-    if cfg.lora_rank and not arrived_with_adapters:
+    if cfg.lora_rank and not is_lora(policy):
         policy = apply_lora(policy, cfg.lora_rank, cfg.lora_alpha)
     copy_needed = cfg.ref_sync_every > 0 or (arrived_with_adapters and cfg.reference == "initial")
     if ref_policy is None and is_lora(policy) and not copy_needed:
