@@ -155,3 +155,14 @@ def test_step0_kl_names_the_usual_causes_and_ignores_a_run_first_logged_later():
     later = [r for r in TRIGGERS["step0_kl"][1](healthy()) if r["step"] >= 10]  # first logged at step 10: KL may be > 0
     later[0]["kl"] = 0.05
     assert fired(later, StepZeroKL())[0] == []
+
+
+def test_rollout_mismatch_from_a_sampling_filter_is_a_warning_not_a_drowned_kl():
+    """Under top-k/top-p the belt's KL is the exact one: a filter's large KL(mu || pi) does not drown it."""
+    from klbelt.monitor import RolloutMismatch
+
+    h = [{"step": t, "kl": 0.02, "mismatch_k3": 0.1, "filtered_mass": 0.09} for t in range(20)]
+    steps, verdict = fired(h, RolloutMismatch())
+    assert steps == [2] and verdict.status == "warning" and "filter" in verdict.message
+    unfiltered = [{k: v for k, v in r.items() if k != "filtered_mass"} for r in h]
+    assert fired(unfiltered, RolloutMismatch())[1].status == "unhealthy"  # a sampler's noise above the KL still is

@@ -457,6 +457,17 @@ class RolloutMismatch(Rule):
         mismatch = [float(r[metric]) for r in rows]
         belt = [float(r["kl"]) if _values([r], "kl") else None for r in rows]
         last = mismatch[-1]
+        filtered = _values(history[-1:], "filtered_mass")  # a top-k/top-p sampler: the belt's KL is exact, not mu's
+        if filtered and all(m > self.warn for m in mismatch):
+            return Finding(
+                f"the sampling filter (top_k/top_p) drops {filtered[0]:.3g} of the policy's mass per token: the "
+                f"rollouts are off-policy for PPO (KL(sampler||policy) {last:.3g} nats/token for {self.patience} "
+                "steps); use rollout_correction tis. The logged kl is the exact KL at the visited states, which "
+                "the filter does not bias",
+                last,
+                "filtered",
+                "warning",
+            )
         if len(history) > self.warmup and all(b is not None and m >= max(b, 0.0) for m, b in zip(mismatch, belt)):
             return Finding(
                 f"the sampler/trainer mismatch KL(sampler||policy) {last:.3g} nats/token is at least the KL to the "
