@@ -209,3 +209,20 @@ def test_filter_settings_that_cannot_be_honoured_are_refused_by_name():
         TrainConfig(top_p=1.5)
     with pytest.raises(ValueError, match="config top_k must be an int >= 0"):
         TrainConfig(top_k=-1)
+
+
+def test_the_controller_is_fed_the_exact_kl_whatever_controller_estimator_says_under_a_filter():
+    from klbelt.rl.distributed import World
+    from klbelt.rl.update import PPOStats, Scores, observe_kl
+
+    g = torch.Generator().manual_seed(0)
+    old, ref = -torch.rand(3, 4, generator=g), -torch.rand(3, 4, generator=g)
+    exact, mask = torch.rand(3, 4, generator=g), torch.ones(3, 4)
+    ppo = PPOStats([], [(torch.tensor(1.0), torch.tensor(12.0))])
+    for exact_kl, k3_fed in ((exact, False), (None, True)):
+        scores = Scores(torch.zeros(3), ref, old, None, {}, None, torch.zeros(3), None, exact_kl)
+        kl = exact if exact_kl is not None else old - ref
+        observed = observe_kl(kl, mask, scores, ppo, "token-mean", World.current(), "k3")
+        d = ref - old
+        k3 = float((torch.exp(d) - 1 - d).mean())
+        assert observed.kl == pytest.approx(k3 if k3_fed else float(exact.mean()), rel=1e-6)

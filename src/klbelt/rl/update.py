@@ -235,18 +235,24 @@ class KLInLoss:
 
     ``ratio_correction`` (TRL's ``use_bias_correction_kl``): after the first minibatch the
     tokens come from pi_old, not pi_theta, so each token's KL is weighed by
-    :math:`ho = \pi_	heta/\pi_{old}`. k3: the differentiable :math:`ho` (DeepSeek-V3.2):
     :math:`
-abla E_{\pi_{old}}[ho\,k3] = 
+ho = \pi_	heta/\pi_{old}`. k3: the differentiable :math:`
+ho` (DeepSeek-V3.2):
+    :math:`
+abla E_{\pi_{old}}[
+ho\,k3] = 
 abla \sum_x \pi_	heta(x) k3(x) = 
 abla KL(\pi_	heta\|ref)`
     in every epoch (also the first, where plain k3 gives that of KL(ref || pi)). k2: the
-    value of :math:`ho` (no gradient through it):
-    :math:`E_{\pi_{old}}[ho\,
+    value of :math:`
+ho` (no gradient through it):
+    :math:`E_{\pi_{old}}[
+ho\,
 abla k2] = \sum_x \pi_	heta(x) \lograc{\pi_	heta}{ref}
 abla\log\pi_	heta = 
 abla KL(\pi_	heta\|ref)`
-    (a differentiable :math:`ho` would add the gradient of :math:`E_{\pi_	heta}[k2]`, not a KL).
+    (a differentiable :math:`
+ho` would add the gradient of :math:`E_{\pi_	heta}[k2]`, not a KL).
     """
 
     estimator: str
@@ -409,13 +415,16 @@ def observe_kl(kl: torch.Tensor, mask: torch.Tensor, scores: Scores, ppo: PPOSta
     ``kl`` is the step's per-token k1 (importance-weighted when another sampler
     drew the tokens); ``estimator="k3"`` feeds the same-weighted k3 instead,
     an unbiased estimate of the same KL(pi || ref) with a smaller variance.
+    When ``kl`` is the exact per-position KL (``scores.exact_kl``: ``kl_estimator:
+    exact`` or a top-k/top-p sampler) it is fed whatever ``estimator`` says: no
+    sampled estimate over a filtered sampler's tokens is unbiased.
     Every rank gets the same number, and so the same beta. The step's other
     global sums (entropy, k3) travel in the same all-reduce.
     """
     n_seqs = (mask.sum(-1) > 0).sum()
     entropy_sum, entropy_count = (sum(x) for x in zip(*ppo.entropy_sums))
     k3_sum = (kl_per_token(scores.old_logprobs, scores.ref_logprobs, "k3", weights=scores.is_weights) * mask).sum()
-    fed = k3_sum if estimator == "k3" else (kl * mask).sum()
+    fed = k3_sum if estimator == "k3" and scores.exact_kl is None else (kl * mask).sum()
     sums = [fed, mask.sum() if unit == "token-mean" else n_seqs, entropy_sum, entropy_count, k3_sum, mask.sum()]
     kl_sum, kl_count, entropy_sum, entropy_count, k3_sum, n_tokens = world.all_sum(torch.stack(sums).double()).tolist()
     return Observed(kl=kl_sum / kl_count if kl_count else 0.0,  # nats/token, or nats/sequence for "seq-sum"
