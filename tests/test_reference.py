@@ -87,3 +87,15 @@ def test_ref_sync_every_resets_the_reference_and_a_resumed_run_matches_an_uninte
     train(TrainConfig(**base, out=str(crashed)), tiny_gpt2(len(tok)), tok, PROMPTS, _reward_fn, resume=True,
           warn_alerts=False)
     assert _metrics(crashed / "metrics.jsonl") == _metrics(whole / "metrics.jsonl")
+
+
+def test_ref_sync_every_with_a_reference_of_another_architecture_is_refused_and_never_touches_the_callers_model(tmp_path):
+    tok = word_tokenizer(WORDS)
+    with pytest.raises(ValueError, match="config ref_sync_every .* ref_policy's weights are named differently"):
+        train(TrainConfig(steps=1, batch_size=6, ref_sync_every=1, out=str(tmp_path / "a")), tiny_gpt2(len(tok)), tok,
+              PROMPTS, _reward_fn, ref_policy=tiny_gpt2(len(tok), n_layer=2))
+    ref = tiny_gpt2(len(tok), seed=7)
+    before = {k: v.clone() for k, v in ref.state_dict().items()}
+    train(TrainConfig(steps=2, batch_size=6, max_new_tokens=3, ref_sync_every=1, out=str(tmp_path / "b")),
+          tiny_gpt2(len(tok)), tok, PROMPTS, _reward_fn, ref_policy=ref, warn_alerts=False)
+    assert all(torch.equal(before[k], v) for k, v in ref.state_dict().items())

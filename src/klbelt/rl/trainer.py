@@ -211,6 +211,13 @@ def policy_and_reference(cfg: TrainConfig, policy, ref_policy, device: torch.dev
     copy_needed = cfg.ref_sync_every > 0 or (arrived_with_adapters and cfg.reference == "initial")
     if ref_policy is None and is_lora(policy) and not copy_needed:
         return policy, Reference(policy)
+    if ref_policy is not None and cfg.ref_sync_every:
+        mine, theirs = set(unwrap(policy).state_dict()), set(ref_policy.state_dict())
+        if mine != theirs:
+            raise ValueError(f"config ref_sync_every ({cfg.ref_sync_every}) copies the policy's weights into the reference, "
+                             f"but ref_policy's weights are named differently ({len(theirs ^ mine)} names differ, e.g. "
+                             f"{sorted(theirs ^ mine)[0]!r}); pass ref_policy=None (the reference is then a copy of the policy)")
+        ref_policy = copy.deepcopy(ref_policy)  # the syncs overwrite it: never the caller's model
     frozen = ref_policy if ref_policy is not None else copy.deepcopy(policy)
     return policy, Reference(policy, frozen.to(device).eval().requires_grad_(False))
 
