@@ -212,6 +212,9 @@ def run(args) -> int:
 
         sys.stdout.write(dump_yaml(cfg.to_dict()))
         return 0
+    from ..rl.device import check_device
+
+    check_device(cfg.device)  # before any model loads: 'cuda' on a machine without CUDA is refused by name
     if args.nproc > 1:
         return launch(args, cfg)
     world = init_from_env(cfg.device)

@@ -20,6 +20,7 @@ import torch
 from .attention import restore_attention, set_attention_of
 from .config import TrainConfig
 from .critic import ValueModel
+from .device import check_device
 from .distributed import World
 from .io import check_writable
 from .lora import Reference, adapters_at_zero, apply_lora, hold_base_in_bf16, is_lora, resolve_bf16, restore_fp32
@@ -96,7 +97,7 @@ def train(
     world = World.current()
     check_batch(cfg, prompts, world)
     check_writable(cfg.out)
-    device = torch.device(cfg.device)
+    device = check_device(cfg.device)  # 'cuda' without CUDA: refused here, before a model moves
     torch.manual_seed(cfg.seed)
 
     # The run's options, chosen once.

@@ -371,7 +371,7 @@ def ppo_epochs(state, train_policy, train_critic, batch: Batch, scores: Scores, 
                 loss = loss - cfg.entropy_coef * aggregate(entropy, mb_mask, "token-mean", group=world.group)
             check_finite(loss, "policy", step, ckpt_path)  # a global value: every rank stops together
             optimizer_step(loss * world.size, state.policy_master, state.policy_opt, cfg.max_grad_norm)
-            vf_loss = torch.zeros(())
+            vf_loss = torch.zeros((), device=device)  # no critic: a zero on the run's device, stacked with the losses
             if state.critic:
                 with autocast(device, use_bf16):
                     values = train_critic(mb_roll)
