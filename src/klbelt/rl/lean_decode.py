@@ -28,16 +28,19 @@ from .attention import KLBELT_FP32, fp32_attention
 ARCHITECTURES = ("llama", "mistral", "qwen2")
 
 
-def unsupported(model) -> str | None:
-    """Why :class:`LeanDecoder` cannot run ``model`` (a Hugging Face causal LM), or ``None`` when it can."""
+def unsupported(model, attention: str | None = KLBELT_FP32) -> str | None:
+    """Why :class:`LeanDecoder` cannot run ``model`` (a Hugging Face causal LM), or ``None`` when it can.
+
+    ``attention``: the attention implementation the model must run (``None``: any; the
+    :class:`~klbelt.rl.graph_decode.GraphDecoder` brings its own)."""
     config = getattr(model, "config", None)
     if config is None:
         return "not a Hugging Face model"
     kind = getattr(config, "model_type", None)
     if kind not in ARCHITECTURES:
         return f"model_type {kind!r} is not one of {ARCHITECTURES}"
-    if getattr(config, "_attn_implementation", None) != KLBELT_FP32:
-        return f"attention is {getattr(config, '_attn_implementation', None)!r}, not {KLBELT_FP32!r}"
+    if attention is not None and getattr(config, "_attn_implementation", None) != attention:
+        return f"attention is {getattr(config, '_attn_implementation', None)!r}, not {attention!r}"
     if getattr(config, "use_sliding_window", False) or (kind == "mistral" and getattr(config, "sliding_window", None)):
         return "sliding-window attention"
     body = getattr(model, "model", None)

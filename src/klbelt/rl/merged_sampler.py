@@ -32,6 +32,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .attention import KLBELT_FP32
 from .lora import bf16_supported
 from .rollout import Rollout, _hf_model, sample
 
@@ -219,8 +220,13 @@ class MergedCopySampler:
         if self.lean is not False:
             from .lean_decode import LeanDecoder, unsupported
 
-            reason = unsupported(self.copy)
-            if reason is None:
+            on_cuda = device.type == "cuda"  # a GPU decodes through a static cache replayed as CUDA graphs
+            reason = unsupported(self.copy, attention=None if on_cuda else KLBELT_FP32)
+            if reason is None and on_cuda:
+                from .graph_decode import GraphDecoder
+
+                self.decoder = GraphDecoder(self.copy)
+            elif reason is None:
                 self.decoder = LeanDecoder(self.copy)
             elif self.lean:
                 raise ValueError(f"MergedCopySampler lean=True: klbelt's decode loop cannot run {type(self.copy).__name__}: {reason}")
