@@ -45,17 +45,20 @@ def pooled_median(runs: list[dict], key: str = "intervals") -> float | None:
     return statistics.median(pooled) if pooled else None
 
 
-def time_passes(passes: dict, repeats: int, warmup_rounds: int) -> dict[str, float]:
+def time_passes(passes: dict, repeats: int, warmup_rounds: int, sync=None) -> dict[str, float]:
     """Median seconds of each zero-argument call in ``passes``, timed in rounds over all of them.
 
     Rounds over all passes (not one pass after another) so that drift of the machine hits
-    every pass alike; the first ``warmup_rounds`` rounds are not timed.
+    every pass alike; the first ``warmup_rounds`` rounds are not timed. ``sync`` (e.g.
+    ``torch.cuda.synchronize``) runs after each call, inside its time.
     """
     times: dict[str, list[float]] = {name: [] for name in passes}
     for round_ in range(warmup_rounds + repeats):
         for name, fn in passes.items():
             t0 = time.perf_counter()
             fn()
+            if sync is not None:
+                sync()
             if round_ >= warmup_rounds:
                 times[name].append(time.perf_counter() - t0)
     return {name: statistics.median(ts) for name, ts in times.items()}

@@ -152,20 +152,22 @@ def english_floor(spec: dict) -> dict:
     import torch
 
     from klbelt.kl import logprobs_from_logits
-    from klbelt.rl.attention import set_attention
+    from klbelt.rl.attention import resolve, set_attention
     from klbelt.rl.lora import adapters_disabled, apply_lora, autocast, hold_base_in_bf16
     from klbelt.rl.merged_sampler import MergedCopySampler
     from klbelt.rl.rollout import last_positions, position_ids
 
     model, tok, prompts, cfg = english_work(spec)
-    set_attention(model, cfg.attn_implementation)  # the demo's attention kernel
+    device = torch.device(cfg.device)
+    model.to(device)
+    set_attention(model, resolve(cfg.attn_implementation, device))  # the demo's attention kernel on this device
     policy = apply_lora(model, cfg.lora_rank, cfg.lora_alpha)
     if cfg.bf16 and cfg.bf16_base:  # (the config refuses it with the "policy" sampler)
         hold_base_in_bf16(policy)  # as the trainer does: exact under the autocast every pass below runs in
     opt = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=cfg.lr)
     batch = [p for p in prompts[: cfg.batch_size // cfg.group_size] for _ in range(cfg.group_size)]
     enc = tok(batch, return_tensors="pt", padding=True)
-    ids, mask = enc["input_ids"], enc["attention_mask"]
+    ids, mask = enc["input_ids"].to(device), enc["attention_mask"].to(device)
     B, P, R = ids.shape[0], ids.shape[1], cfg.max_new_tokens
     if cfg.sampler == "bf16-merged":
         copy = MergedCopySampler(torch.bfloat16)
@@ -173,13 +175,13 @@ def english_floor(spec: dict) -> dict:
         if copy.decoder is not None:  # klbelt's decode loop over the copy, as the demo samples
             copy.decoder.reserve(R)
         sampling_model = copy.decoder or copy.copy
-        loop = _sampler(sampling_model, sampling_model, ids, mask, R, torch.Generator().manual_seed(0), position_ids)
+        loop = _sampler(sampling_model, sampling_model, ids, mask, R, torch.Generator(device).manual_seed(0), position_ids)
 
         def generate():
             copy.refresh(policy)
             return loop()
     else:
-        generate = _sampler(policy, policy.get_base_model(), ids, mask, R, torch.Generator().manual_seed(0), position_ids)
+        generate = _sampler(policy, policy.get_base_model(), ids, mask, R, torch.Generator(device).manual_seed(0), position_ids)
     ref_bf16 = cfg.bf16 and cfg.sampler != "policy"
 
     seq = generate()
@@ -190,16 +192,17 @@ def english_floor(spec: dict) -> dict:
 
     @torch.no_grad()
     def ref_forward():
-        with adapters_disabled(policy) as ref, autocast("cpu", ref_bf16):
+        with adapters_disabled(policy) as ref, autocast(device, ref_bf16):
             return ref(input_ids=seq, attention_mask=full, position_ids=pos_full, logits_to_keep=keep).logits
 
     def policy_fb():
         opt.zero_grad(set_to_none=True)
-        with autocast("cpu", cfg.bf16):
+        with autocast(device, cfg.bf16):
             logits = policy(input_ids=seq, attention_mask=full, position_ids=pos_full, logits_to_keep=keep).logits
         logprobs_from_logits(logits[:, :-1], responses).mean().backward()
 
     policy_fb()
     passes = {"generation": generate, "ref_forward": ref_forward, "policy_forward_backward": policy_fb, "optimizer_step": opt.step}
-    parts = time_passes(passes, spec["floor_repeats"], warmup_rounds=1)
+    sync = torch.cuda.synchronize if device.type == "cuda" else None  # a pass ends when the GPU has run it
+    parts = time_passes(passes, spec["floor_repeats"], warmup_rounds=1, sync=sync)
     return {"seconds_per_update": sum(parts.values()), "parts": parts, "peak_rss_mb": peak_rss_mb()}

@@ -122,13 +122,20 @@ def latest_trl_python(given: str | None) -> str | None:
 
 
 def run(args) -> int:
-    """The parent: klbelt, TRL PPO and TRL GRPO take turns, then the floor; print the table (or JSON)."""
+    """The parent: klbelt, TRL PPO and TRL GRPO take turns, then the floor; print the table (or JSON).
+
+    On a GPU (``--device cuda``) klbelt and the floor only: TRL's sides are CPU measurements."""
+    from klbelt.rl.device import check_device
     from klbelt.rl.lora import bf16_supported
 
+    device = check_device(getattr(args, "device", "cpu"))
+    import torch
+
+    bf16 = bool(torch.cuda.is_bf16_supported()) if device.type == "cuda" else bool(bf16_supported())
     spec = dict(model=args.model, warmup=args.warmup, updates=args.updates, threads=args.threads,
-                floor_repeats=args.floor_repeats, bf16=bool(bf16_supported()))
+                floor_repeats=args.floor_repeats, bf16=bf16, device=str(device))
     pythons = {"klbelt": None, "trl_ppo": None, "trl_grpo": latest_trl_python(args.trl_python)}
-    sides = ["klbelt"] if args.no_trl else list(pythons)
+    sides = ["klbelt"] if args.no_trl or device.type != "cpu" else list(pythons)
     results: dict[str, list[dict]] = {s: [] for s in sides}
     for r in range(args.runs):
         for side in sides[r % len(sides) :] + sides[: r % len(sides)]:  # each side in each place of the order
@@ -160,6 +167,7 @@ def _row(args, spec: dict, results: dict, floor: dict) -> dict:
     trl_s = min((t for t in (ppo_s, grpo_s) if t), default=None)
     return {
         "model": args.model, "work": "16 x 24 tokens, LoRA r16, group baseline (4 x 4), beta 0.1, 1 AdamW step",
+        "device": spec.get("device", "cpu"), "device_name": _device_name(spec.get("device", "cpu")),
         "bf16": spec["bf16"], "threads": args.threads, "runs": args.runs, "warmup": args.warmup, "updates": args.updates,
         "klbelt_s_per_update": k_s, "trl_grpo_s_per_update": grpo_s, "trl_ppo_s_per_update": ppo_s, "floor_s_per_update": f_s,
         "klbelt_tokens_per_s": TOKENS / k_s, "trl_grpo_tokens_per_s": TOKENS / grpo_s if grpo_s else None,
@@ -177,8 +185,18 @@ def _row(args, spec: dict, results: dict, floor: dict) -> dict:
     }
 
 
+def _device_name(device: str) -> str:
+    import platform
+
+    import torch
+
+    if device.startswith("cuda"):
+        return torch.cuda.get_device_name(torch.device(device))
+    return platform.processor() or platform.machine()
+
+
 def _print_table(row: dict, args) -> None:
-    print(f"English demo update on {args.model}: {row['work']}; {args.threads} thread(s), bf16 autocast "
+    print(f"English demo update on {args.model}, {row['device']} ({row['device_name']}): {row['work']}; {args.threads} thread(s), bf16 autocast "
           f"{'on' if row['bf16'] else 'off'}; median over {args.runs} run(s) x {args.updates} timed updates "
           f"(after {args.warmup} warm-up)")
     print(f"{'':<24}{'s/update':>10}{'tokens/s':>10}{'peak RSS MB':>13}{'klbelt speedup':>16}")

@@ -81,6 +81,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("--model", default=None,
                         help="smollm2 or a local causal-LM directory: time the English demo's update on that model "
                         "against TRL's PPOTrainer and GRPOTrainer and the floor instead (see klbelt.bench.real_model)")
+    parser.add_argument("--device", default="cpu",
+                        help="cpu (default) or cuda: on a GPU, the English demo's update on --model (default "
+                        "smollm2-shaped: SmolLM2-135M's shape, random weights, nothing downloaded) beside its floor")
     parser.add_argument("--memory", action="store_true", help="with --model: peak memory of one update with full logits vs the fused LM head")
     parser.add_argument("--memory-batch", type=int, default=64, help="with --memory: sequences (default 64)")
     parser.add_argument("--memory-tokens", type=int, default=128, help="with --memory: response tokens (default 128)")
@@ -147,6 +150,10 @@ def run(args) -> int:
     if args.child is not None:  # one measurement: a spec naming its "child" function, or a "side" of this benchmark
         spec = json.loads(args.child)
         return _timing.child_main(json.dumps({"child": CHILDREN.get(spec.get("side"), ""), **spec}))
+    if getattr(args, "device", "cpu") != "cpu" and args.model is None:
+        from .work import SMOLLM2_SHAPED
+
+        args.model = SMOLLM2_SHAPED  # the GPU's measurement is the English demo's update
     if args.model is not None:
         from . import real_model
 

@@ -70,8 +70,39 @@ def prewarm(policy, reward, prompt_ids) -> None:
     gc.collect()
 
 
+SMOLLM2_SHAPED = "smollm2-shaped"  # SmolLM2-135M's architecture, random weights, the tiny model's tokenizer
+SMOLLM2_SHAPE = dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
+                     num_key_value_heads=3, head_dim=64, rms_norm_eps=1e-5, rope_theta=100000.0,
+                     max_position_embeddings=8192, tie_word_embeddings=True)
+
+
+def smollm2_shaped(layers: int | None = None, hidden: int | None = None):
+    """``(model, tokenizer)``: a Llama of SmolLM2-135M's shape (``layers``/``hidden`` smaller for tests), randomly
+    initialised from seed 0, over the tiny demo model's tokenizer (1024 tokens: 107M parameters). Nothing downloaded."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from klbelt.demo.models import load_model
+
+    _, tok = load_model("tiny")
+    shape = dict(SMOLLM2_SHAPE)
+    if layers is not None:
+        shape["num_hidden_layers"] = layers
+    if hidden is not None:  # 9 heads of 64 scaled down: 3 heads (1 key/value head) of hidden / 3
+        shape.update(hidden_size=hidden, intermediate_size=8 * hidden // 3, num_attention_heads=3, num_key_value_heads=1,
+                     head_dim=hidden // 3)
+    rope_theta = shape.pop("rope_theta")
+    config = LlamaConfig(vocab_size=len(tok), bos_token_id=tok.eos_token_id, eos_token_id=tok.eos_token_id,
+                         pad_token_id=tok.pad_token_id, rope_parameters={"rope_type": "default", "rope_theta": rope_theta},
+                         **shape)
+    torch.manual_seed(0)
+    return LlamaForCausalLM(config).eval(), tok
+
+
 def english_work(spec: dict):
-    """``(model, tokenizer, prompts, cfg)``: the English demo's update, beta 0.1 fixed, ``spec["bf16"]``."""
+    """``(model, tokenizer, prompts, cfg)``: the English demo's update, beta 0.1 fixed, ``spec["bf16"]``, on
+    ``spec["device"]`` (default CPU). Model ``"smollm2-shaped"``: :func:`smollm2_shaped` (``spec["layers"]``,
+    ``spec["hidden"]`` optional)."""
     from dataclasses import replace
 
     import torch
@@ -81,9 +112,13 @@ def english_work(spec: dict):
     from klbelt.demo.task import ENGLISH_DEMO_CONFIG
 
     torch.manual_seed(0)
-    model, tok = load_model(spec["model"])
+    if spec["model"] == SMOLLM2_SHAPED:
+        model, tok = smollm2_shaped(spec.get("layers"), spec.get("hidden"))
+    else:
+        model, tok = load_model(spec["model"])
     cfg = replace(ENGLISH_DEMO_CONFIG, model=spec["model"], controller="fixed", kl_coef=0.1, bf16=spec["bf16"],
-                  steps=spec["warmup"] + spec["updates"] + 1, checkpoint_every=10**9, samples_every=10**9)
+                  steps=spec["warmup"] + spec["updates"] + 1, checkpoint_every=10**9, samples_every=10**9,
+                  device=spec.get("device", "cpu"))
     return model, tok, english_prompts("train"), cfg
 
 

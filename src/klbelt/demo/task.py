@@ -76,9 +76,9 @@ ENGLISH_DEMO_CONFIG = replace(
     # The frozen base's linear weights stored as the bf16 values autocast reads (exact: the same
     # numbers as fp32 weights under autocast), so the model's fp32 file is not held beside them.
     bf16_base=True,
-    # fp32 attention with the scores materialised: at 33 positions a layer's forward+backward took 12.9 ms
-    # through the fused SDPA kernel against 3.6 ms this way (speed_probes/attention_kernels.py)
-    attn_implementation="klbelt_fp32",
+    # on the CPU fp32 attention with the scores materialised: at 33 positions a layer's forward+backward took 12.9 ms
+    # through the fused SDPA kernel against 3.6 ms this way (speed_probes/attention_kernels.py); on a GPU, SDPA
+    attn_implementation="auto",
     lr=7e-4,  # measured: at 2e-3 Adam's noise-driven steps carried the KL to 0.2-0.3 nats/token with beta near 1.7
     kl_coef=0.1,
     controller="pid",

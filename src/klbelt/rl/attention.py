@@ -15,7 +15,16 @@ from __future__ import annotations
 import torch
 
 KLBELT_FP32 = "klbelt_fp32"
-CHOICES = ("model", "sdpa", "eager", KLBELT_FP32)  # "model": whatever the model was loaded with
+AUTO = "auto"  # by device: klbelt_fp32 on the CPU (its fastest there), PyTorch's fused SDPA kernels on a GPU
+CHOICES = ("model", "sdpa", "eager", KLBELT_FP32, AUTO)  # "model": whatever the model was loaded with
+
+
+def resolve(name: str, device) -> str:
+    """The implementation ``name`` means on ``device``: ``"auto"`` is ``"klbelt_fp32"`` on the CPU, ``"sdpa"`` elsewhere."""
+    _check(name)
+    if name != AUTO:
+        return name
+    return KLBELT_FP32 if torch.device(device).type == "cpu" else "sdpa"
 
 
 def fp32_attention(module, query, key, value, attention_mask, scaling=None, dropout: float = 0.0, **kwargs):
@@ -79,6 +88,8 @@ def set_attention(model, name: str) -> str | None:
     that has no Hugging Face attention switch.
     """
     _check(name)
+    if name == AUTO:
+        name = resolve(name, next(_model_parameters(model)).device)
     previous = current(model)
     if name == "model":
         return previous
@@ -91,6 +102,12 @@ def set_attention(model, name: str) -> str | None:
         register()
     hf.set_attn_implementation(name)
     return previous
+
+
+def _model_parameters(model):
+    from .rollout import _hf_model
+
+    return _hf_model(model).parameters()
 
 
 def set_attention_of(models, name: str) -> list[tuple]:

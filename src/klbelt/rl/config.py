@@ -28,7 +28,7 @@ class TrainConfig:
     ref_sync_every: int = 0  # 0 = never; N > 0: every N updates the reference becomes the current policy (TR-DPO's hard update; the controller keeps its state)
     fused_head: bool = True  # log-probs from the last hidden states and the LM head in row blocks, never the [B, R, V] logits (false: full logits)
     bf16: bool = False  # bf16 autocast for the trained forward passes where the CPU/GPU supports it; log-probs and KL stay fp32
-    attn_implementation: str = "model"  # attention of every pass: "model" (as loaded), "sdpa", "eager" (Hugging Face's) or "klbelt_fp32" (scores, softmax and sum in fp32, materialised: fastest on CPU for short sequences, O(length^2) memory)
+    attn_implementation: str = "model"  # attention of every pass: "model" (as loaded), "sdpa", "eager" (Hugging Face's), "klbelt_fp32" (scores, softmax and sum in fp32, materialised: fastest on CPU for short sequences, O(length^2) memory) or "auto" (klbelt_fp32 on the CPU, sdpa on a GPU)
     bf16_base: bool = False  # with bf16, LoRA and a sampler other than "policy": store the frozen base's linear weights as the bf16 values autocast reads (exact, faster, less memory); fp32 again when the run ends
     # --- rollouts
     steps: int = 100  # PPO updates (one batch of rollouts each)
@@ -96,7 +96,7 @@ class TrainConfig:
             "clamp_gradient": ("zero", "pass"),
             "sampler": ("policy", "bf16", "bf16-merged", "vllm"),
             "rollout_correction": ("off", "tis", "mis", "band"),
-            "attn_implementation": ("model", "sdpa", "eager", "klbelt_fp32"),
+            "attn_implementation": ("model", "sdpa", "eager", "klbelt_fp32", "auto"),
             "controller_estimator": ("k1", "k3"),
         }
         if self.report_to is not None:

@@ -17,7 +17,7 @@ from typing import Callable
 
 import torch
 
-from .attention import restore_attention, set_attention_of
+from .attention import resolve as resolve_attention, restore_attention, set_attention_of
 from .config import TrainConfig
 from .critic import ValueModel
 from .device import check_device
@@ -105,7 +105,7 @@ def train(
     critic = ValueModel.from_policy(policy).to(device).eval() if cfg.advantage == "gae" else None
     use_bf16 = resolve_bf16(cfg.bf16, device)  # autocast for the differentiated passes only
     # the attention kernel of every pass (policy, reference, critic, and the sampler copies built from them); restored at the end
-    attention_before = set_attention_of([policy, reference.model, critic.trunk if critic else None], cfg.attn_implementation)
+    attention_before = set_attention_of([policy, reference.model, critic.trunk if critic else None], resolve_attention(cfg.attn_implementation, device))
     fused_before = set_fused_head(cfg.fused_head)  # log-probs from hidden states in row blocks (klbelt.kl.fused), or full logits; restored at the end
     draw = make_sampler(cfg.sampler, vllm_python=cfg.vllm_python)  # the sampler mu that draws the rollouts
     correction = RolloutCorrection(cfg.sampler, cfg.rollout_correction, cfg.is_cap, tuple(cfg.is_band) if cfg.is_band else None,
