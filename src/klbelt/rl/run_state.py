@@ -98,7 +98,7 @@ class RunState:
     policy_opt: torch.optim.Optimizer
     critic_opt: torch.optim.Optimizer | None
     controller: object
-    sample_gen: torch.Generator  # the sampling uniforms of every update
+    sample_gen: torch.Generator  # the sampling uniforms of every update (on the CPU: a GPU run samples what a CPU run samples)
     shuffle_gen: torch.Generator  # the PPO minibatch order
     ref_fingerprint: list[float] = field(default_factory=list)
     step: int = 0  # the next update to run
@@ -120,7 +120,7 @@ class RunState:
             policy_opt=torch.optim.AdamW(policy_master.params(), lr=cfg.lr, weight_decay=cfg.weight_decay),
             critic_opt=torch.optim.AdamW(critic_master.params(), lr=cfg.critic_lr) if critic else None,
             controller=make_controller(cfg),
-            sample_gen=torch.Generator(device=device).manual_seed(cfg.seed),
+            sample_gen=torch.Generator().manual_seed(cfg.seed),
             shuffle_gen=torch.Generator().manual_seed(cfg.seed + 1),
             ref_fingerprint=fingerprint(reference_params),
             reference_model=reference_model,

@@ -126,7 +126,7 @@ def sample_batch(step: int, prompts: list[str], tokenizer, cfg: TrainConfig, dra
     idx = prompt_indices(step, len(prompts), cfg.batch_size // cfg.group_size, cfg.seed)
     batch_prompts = [prompts[i] for i in idx for _ in range(cfg.group_size)]
     enc = tokenizer(batch_prompts, return_tensors="pt", padding=True)
-    uniforms = torch.rand(cfg.batch_size, cfg.max_new_tokens, generator=sample_gen, device=device)
+    uniforms = torch.rand(cfg.batch_size, cfg.max_new_tokens, generator=sample_gen).to(device)  # CPU stream, any device
     eos = tokenizer.eos_token_id
     roll = draw(
         policy,
