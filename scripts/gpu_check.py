@@ -60,7 +60,7 @@ def uses_bf16(overrides: dict) -> bool:
     return bool(overrides.get("bf16")) or overrides.get("sampler", "policy") != "policy"
 
 
-def run_option(name: str, device: str, updates: int, out: Path) -> list[dict]:
+def run_option(name: str, device: str, updates: int, out: Path, resume: bool = False) -> list[dict]:
     """``updates`` updates of option ``name`` on ``device``: the golden script's tiny GPT-2 (a tiny Llama for
     ``*-llama``), prompts and rewards; the tiny demo task itself for ``demo-tiny``."""
     from dataclasses import replace
@@ -81,7 +81,19 @@ def run_option(name: str, device: str, updates: int, out: Path) -> list[dict]:
     tok = word_tokenizer(mod.WORDS)
     model = tiny_llama(len(tok), seed=3) if name.endswith("-llama") else tiny_gpt2(len(tok), n_layer=2, seed=3)
     cfg = TrainConfig(**{**mod.BASE, **overrides, "steps": updates, "device": device}, out=str(out))
-    return mod.strip(train(cfg, model, tok, mod.PROMPTS, mod.score, gold_fn=mod.gold, warn_alerts=False))
+    return mod.strip(train(cfg, model, tok, mod.PROMPTS, mod.score, gold_fn=mod.gold, resume=resume, warn_alerts=False))
+
+
+def check_resume(device: str, out: Path) -> dict:
+    """A run on ``device`` stopped after 2 updates (its checkpoint) and resumed for a third: the third update's
+    metrics must be those of an uninterrupted 3-update run (the RNG streams, optimiser and controller restored)."""
+    name = QUICK_CONFIGS[0]
+    whole = run_option(name, device, 3, out / "whole")
+    run_option(name, device, 2, out / "parts")
+    resumed = run_option(name, device, 3, out / "parts", resume=True)
+    ok, note = compare(whole[2:], resumed, "fp32")
+    return {"check": f"resume {name} after 2 of 3 updates ({device})", "status": "ok" if ok else "FAIL",
+            "figure": f"{len(resumed)} update resumed", "note": f"vs the uninterrupted run: {note}"}
 
 
 def compare(reference: list[dict], measured: list[dict], kind: str) -> tuple[bool, str]:
@@ -129,6 +141,13 @@ def step_options(args) -> list[dict]:
             except Exception as exc:  # the table says which option broke, and how
                 traceback.print_exc()
                 rows.append({"check": f"option {name} ({args.device})", "status": "FAIL", "figure": "-",
+                             "note": f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:300]})
+        if not args.configs:
+            try:
+                rows.append(check_resume(args.device, Path(tmp) / "resume"))
+            except Exception as exc:
+                traceback.print_exc()
+                rows.append({"check": f"resume ({args.device})", "status": "FAIL", "figure": "-",
                              "note": f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:300]})
     return rows
 

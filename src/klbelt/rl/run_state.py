@@ -174,8 +174,8 @@ class RunState:
             self.reference_model.load_state_dict(state["reference"])
             self.ref_synced = True
         self.controller.load_state_dict(state["controller"])
-        self.sample_gen.set_state(state["sample_gen"])
-        self.shuffle_gen.set_state(state["shuffle_gen"])
+        self.sample_gen.set_state(state["sample_gen"].cpu())  # map_location moved the CPU streams' states too
+        self.shuffle_gen.set_state(state["shuffle_gen"].cpu())
         torch.set_rng_state(state["torch_rng"])
         self.step = state["step"]
         return self.step
