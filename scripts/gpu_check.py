@@ -9,6 +9,8 @@ Steps (each writes rows ``{"check", "status", "figure", "note"}`` to a JSON file
   and on the CPU. The sampling uniforms come from one CPU stream, so both runs draw the same
   tokens up to rounding; the first update's metrics must agree within the stated tolerance
   (``TOLERANCE``), and every update's metrics must be finite.
+* ``decode``: the sampler's decode loop on the SmolLM2-shaped bf16 copy: Hugging Face's, the static
+  step run eagerly and (CUDA) graphed, their times per rollout and their agreement (``step_decode``).
 * ``english``: the English demo's update (``klbelt bench trainer --device DEVICE``:
   ``klbelt.bench.real_model``) on the SmolLM2-shaped model, beside its floor, with its target,
   and the same options with GAE instead of the group baseline (klbelt alone).
@@ -192,6 +194,66 @@ def step_english(args) -> list[dict]:
     return rows
 
 
+def step_decode(args) -> list[dict]:
+    """The sampler's decode loop on the SmolLM2-shaped bf16 copy, 16 x 24 tokens: Hugging Face's loop, the static step
+    run eagerly, and (on CUDA) graphed. Graphed and eager must draw the same tokens with log-probs within 1e-3 nats
+    (the same kernels, replayed); both must stay within 0.1 nats of Hugging Face's loop (other attention kernels, bf16)."""
+    import torch
+
+    from klbelt.bench.work import smollm2_shaped
+    from klbelt.demo.english import english_prompts
+    from klbelt.rl.graph_decode import GraphDecoder
+    from klbelt.rl.rollout import sample
+
+    device = torch.device(args.device)
+    model, tok = smollm2_shaped(*((2, 48) if args.quick else (None, None)))
+    model = model.to(device=device, dtype=torch.bfloat16).eval()
+    enc = tok([p for p in english_prompts("train")[:4] for _ in range(4)], return_tensors="pt", padding=True)
+    ids, mask = enc["input_ids"].to(device), enc["attention_mask"].to(device)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    loops = {"hugging face": model, "static eager": GraphDecoder(model, graphs=False)}
+    if device.type == "cuda":
+        loops["static graphed"] = GraphDecoder(model)
+    rolls, seconds = {}, {}
+    for name, loop in loops.items():
+        times = []
+        for repeat in range(2 if args.quick else 6):  # the first one builds the cache (and captures the graph)
+            if isinstance(loop, GraphDecoder):
+                loop.reserve(24)
+            sync()
+            t0 = time.perf_counter()
+            rolls[name] = sample(loop, ids, mask, max_new_tokens=24, generator=torch.Generator().manual_seed(0),
+                                 uniforms=torch.rand(16, 24, generator=torch.Generator().manual_seed(0)).to(device),
+                                 eos_token_id=tok.eos_token_id, blocked_token_ids=(tok.eos_token_id,))
+            sync()
+            times.append(time.perf_counter() - t0)
+        seconds[name] = sorted(times[1:])[len(times[1:]) // 2]
+    rows = []
+    base = rolls["hugging face"]
+    for name in loops:
+        roll = rolls[name]
+        note = f"{seconds['hugging face'] / seconds[name]:.1f}x Hugging Face's loop"
+        ok = True
+        if name != "hugging face":
+            equal = roll.responses == base.responses
+            upto = equal.long().cumprod(-1)  # a token drawn otherwise changes the rest of its row: compared before it
+            m = base.response_mask * roll.response_mask * upto
+            gap = float(((roll.logprobs - base.logprobs).abs() * m).max())
+            same = float(equal.float().mean())
+            ok = gap <= 0.1 and same >= 0.9
+            note += f"; vs Hugging Face: {100 * same:.1f}% same tokens, max |logp gap| {gap:.3g} nats (tol 0.1, >= 90%)"
+        if name == "static graphed":
+            eager = rolls["static eager"]
+            gap = float((roll.logprobs - eager.logprobs).abs().max())
+            ok = ok and torch.equal(roll.sequences, eager.sequences) and gap <= 1e-3 and loops[name].graphs
+            note += f"; vs eager: same tokens {torch.equal(roll.sequences, eager.sequences)}, max |logp gap| {gap:.3g}"
+            if not loops[name].graphs:
+                note += f"; NO GRAPHS: {loops[name].why_no_graphs}"
+        rows.append({"check": f"decode 16x24, {name}{' (2x48 quick)' if args.quick else ''} ({args.device})",
+                     "status": "ok" if ok else "FAIL", "figure": f"{1000 * seconds[name]:.1f} ms/rollout", "note": note})
+    return rows
+
+
 def table(folder: Path) -> str:
     rows = []
     for path in sorted(folder.glob("*.rows.json"), key=lambda p: p.stat().st_mtime_ns):  # in the order the steps ran
@@ -211,7 +273,7 @@ def write_rows(path: Path, rows: list[dict]) -> None:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("step", choices=("options", "english", "record", "table", "all"))
+    parser.add_argument("step", choices=("options", "decode", "english", "record", "table", "all"))
     parser.add_argument("--results", required=True, help="the results folder (rows in STEP.rows.json)")
     parser.add_argument("--device", default="cuda", help="the device checked (default cuda)")
     parser.add_argument("--updates", type=int, default=3, help="options: updates per configuration (default 3)")
@@ -235,6 +297,13 @@ def main(argv=None) -> int:
         if args.quick:
             args.updates = 1
         write_rows(results / "options.rows.json", step_options(args))
+    if args.step in ("decode", "all"):
+        try:
+            rows = step_decode(args)
+        except Exception as exc:
+            traceback.print_exc()
+            rows = [{"check": f"decode ({args.device})", "status": "FAIL", "figure": "-", "note": f"{type(exc).__name__}: {str(exc)[-300:]}"}]
+        write_rows(results / "decode.rows.json", rows)
     if args.step in ("english", "all"):
         write_rows(results / "english.rows.json", step_english(args))
     if args.step in ("table", "all"):

@@ -56,23 +56,27 @@ env_line=$("$PY" -c "import torch, transformers, peft, klbelt; c = torch.cuda.is
 record "environment" ok - "$env_line"
 
 # --- 1. every trainer option on the device, metrics against the CPU's (scripts/gpu_check.py options)
-timeout 200 "${CHECK[@]}" options --results "$RESULTS" --device "$DEVICE" "${QUICK[@]}" > "$RESULTS/options.log" 2>&1 \
-    || record "options step" FAIL - "exit $? (timeout 200 s = 124); see $RESULTS/options.log"
+timeout 130 "${CHECK[@]}" options --results "$RESULTS" --device "$DEVICE" "${QUICK[@]}" > "$RESULTS/options.log" 2>&1 \
+    || record "options step" FAIL - "exit $? (timeout 130 s = 124); see $RESULTS/options.log"
 
-# --- 2. the English demo's update on the SmolLM2-shaped model, beside its floor (klbelt bench trainer --device)
-timeout 200 "${CHECK[@]}" english --results "$RESULTS" --device "$DEVICE" "${QUICK[@]}" > "$RESULTS/english.log" 2>&1 \
-    || record "english step" FAIL - "exit $? (timeout 200 s = 124); see $RESULTS/english.log"
+# --- 2. the sampler's decode loop: Hugging Face's, the static step eagerly, graphed (scripts/gpu_check.py decode)
+timeout 80 "${CHECK[@]}" decode --results "$RESULTS" --device "$DEVICE" "${QUICK[@]}" > "$RESULTS/decode.log" 2>&1 \
+    || record "decode step" FAIL - "exit $? (timeout 80 s = 124); see $RESULTS/decode.log"
 
-# --- 3. the kernel benchmarks on the device
+# --- 3. the English demo's update on the SmolLM2-shaped model, beside its floor (klbelt bench trainer --device)
+timeout 150 "${CHECK[@]}" english --results "$RESULTS" --device "$DEVICE" "${QUICK[@]}" > "$RESULTS/english.log" 2>&1 \
+    || record "english step" FAIL - "exit $? (timeout 150 s = 124); see $RESULTS/english.log"
+
+# --- 4. the kernel benchmarks on the device
 if [ "$BENCHES" = 1 ]; then
-    if timeout 60 "$PY" -m klbelt bench fused --device "$DEVICE" --quick --no-memory --json > "$RESULTS/bench_fused.json" 2> "$RESULTS/bench_fused.log"; then
+    if timeout 45 "$PY" -m klbelt bench fused --device "$DEVICE" --quick --no-memory --json > "$RESULTS/bench_fused.json" 2> "$RESULTS/bench_fused.log"; then
         record "klbelt bench fused --device $DEVICE --quick" ok "$("$PY" -c "import json,sys; print(len(json.load(open(sys.argv[1]))), 'rows')" "$RESULTS/bench_fused.json" 2>/dev/null)" "table in $RESULTS/bench_fused.json"
     else
         record "klbelt bench fused --device $DEVICE --quick" FAIL - "exit $?; see $RESULTS/bench_fused.log"
     fi
-    # --- 3b. KERNEL CHECKS (issue 26): the Triton kernels' own check, wired by the lead when it lands
+    # --- 4b. KERNEL CHECKS (issue 26): the Triton kernels' own check, wired by the lead when it lands
     if [ -x scripts/gpu_check_kernels.sh ]; then
-        if timeout 90 scripts/gpu_check_kernels.sh > "$RESULTS/kernels.log" 2>&1; then
+        if timeout 60 scripts/gpu_check_kernels.sh > "$RESULTS/kernels.log" 2>&1; then
             record "scripts/gpu_check_kernels.sh" ok - "see $RESULTS/kernels.log"
         else
             record "scripts/gpu_check_kernels.sh" FAIL - "exit $?; see $RESULTS/kernels.log"

@@ -136,3 +136,11 @@ def test_train_refuses_cuda_before_moving_the_model(monkeypatch, tmp_path):
     cfg = TrainConfig(device="cuda", steps=1, batch_size=2, out=str(tmp_path / "run"))
     with pytest.raises(ValueError, match="config device 'cuda'"):
         train(cfg, Untouchable(), None, ["a"], lambda texts: torch.zeros(len(texts)))
+
+
+def test_bench_trainer_on_cuda_without_cuda_says_so_by_name(monkeypatch, capsys):
+    from klbelt.cli.main import main
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert main(["bench", "trainer", "--device", "cuda", "--runs", "1"]) == 2
+    assert "config device 'cuda': CUDA is not available" in capsys.readouterr().err

@@ -39,6 +39,7 @@ def test_gpu_check_runs_every_step_on_the_cpu_and_ends_with_one_table(tmp_path):
     assert lines[0].split() == ["check", "status", "figure", "note"] and lines[-1].endswith(" 0 failed")
     rows = {line.split("  ")[0].strip(): line for line in lines[1:-1]}
     for check in ("option gae-reward-pid (cpu)", "option bf16-merged-lora-llama (cpu)",
+                  "resume gae-reward-pid after 2 of 3 updates (cpu)", "decode 16x24, static eager (2x48 quick) (cpu)",
                   "English demo update, SmolLM2-shaped (2x48 quick) (cpu)"):
         assert check in rows and "  ok  " in rows[check], (check, table)
     assert "s/update, floor" in rows["English demo update, SmolLM2-shaped (2x48 quick) (cpu)"]

@@ -11,8 +11,6 @@ from __future__ import annotations
 import pytest
 import torch
 
-from klbelt.rl.graph_decode import CAPACITY_STEP, GraphDecoder
-from klbelt.rl.rollout import response_logprobs, sample
 from tiny_models import tiny_llama, word_tokenizer
 
 WORDS = ["a", "b", "c", "d"] + [f"w{i}" for i in range(40)]
@@ -27,6 +25,10 @@ def _llama(tok):
 
 @pytest.mark.parametrize("prompts", [["a b w4 w5", "c", "w1 w2 w3", "d w9"], ["w1 w2 w3 w4 w5 w6 w7", "a", "b c", "d"]])
 def test_the_static_decode_step_samples_what_hugging_faces_loop_samples(prompts):
+    # imported here, not at collection: test_attention counts the fp32 attention that lean_decode binds on import
+    from klbelt.rl.graph_decode import CAPACITY_STEP, GraphDecoder
+    from klbelt.rl.rollout import response_logprobs, sample
+
     tok = word_tokenizer(WORDS)
     model = _llama(tok)
     decoder = GraphDecoder(model, graphs=False)
@@ -47,6 +49,7 @@ def test_the_static_decode_step_samples_what_hugging_faces_loop_samples(prompts)
 
 
 def test_the_graph_decoder_refuses_what_it_cannot_run_and_a_full_cache():
+    from klbelt.rl.graph_decode import CAPACITY_STEP, GraphDecoder
     from tiny_models import tiny_gpt2
 
     tok = word_tokenizer(WORDS)
