@@ -144,3 +144,4 @@ def test_bench_trainer_on_cuda_without_cuda_says_so_by_name(monkeypatch, capsys)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert main(["bench", "trainer", "--device", "cuda", "--runs", "1"]) == 2
     assert "config device 'cuda': CUDA is not available" in capsys.readouterr().err
+
