@@ -185,7 +185,7 @@ def step_english(args) -> list[dict]:
             return rows
         try:
             spec = dict(model=SMOLLM2_SHAPED, warmup=runs["warmup"], updates=runs["updates"], threads=args.threads,
-                        bf16=True, device=args.device, advantage="gae", **work)
+                        bf16=True, device=args.device, advantage="gae", batch_size=16, **work)
             result = _timing.measure(dict(spec, child=real_model.CHILDREN["klbelt"]))
             rows.append({"check": f"English demo options with GAE ({args.device})", "status": "ok",
                          "figure": f"{_timing.pooled_median([result]):.3f} s/update", "note": "the critic's passes added; no target"})

@@ -134,6 +134,10 @@ def run(args) -> int:
     bf16 = bool(torch.cuda.is_bf16_supported()) if device.type == "cuda" else bool(bf16_supported())
     spec = dict(model=args.model, warmup=args.warmup, updates=args.updates, threads=args.threads,
                 floor_repeats=args.floor_repeats, bf16=bf16, device=str(device))
+    from .work import SMOLLM2_SHAPED
+
+    if args.model == SMOLLM2_SHAPED:
+        spec["batch_size"] = 16  # issue 25's GPU work: 16 x 24 tokens (4 prompts x 4)
     spec.update(getattr(args, "work", None) or {})  # scripts/gpu_check.py: a smaller model's shape, GAE (klbelt.bench.work)
     pythons = {"klbelt": None, "trl_ppo": None, "trl_grpo": latest_trl_python(args.trl_python)}
     sides = ["klbelt"] if args.no_trl or device.type != "cpu" else list(pythons)

@@ -101,7 +101,8 @@ def smollm2_shaped(layers: int | None = None, hidden: int | None = None):
 
 def english_work(spec: dict):
     """``(model, tokenizer, prompts, cfg)``: the English demo's update, beta 0.1 fixed, ``spec["bf16"]``, on
-    ``spec["device"]`` (default CPU), ``spec["advantage"]`` (default the demo's group baseline). Model ``"smollm2-shaped"``: :func:`smollm2_shaped` (``spec["layers"]``,
+    ``spec["device"]`` (default CPU), ``spec["advantage"]`` (default the demo's group baseline), ``spec["batch_size"]``
+    (default the demo's). Model ``"smollm2-shaped"``: :func:`smollm2_shaped` (``spec["layers"]``,
     ``spec["hidden"]`` optional)."""
     from dataclasses import replace
 
@@ -116,8 +117,8 @@ def english_work(spec: dict):
         model, tok = smollm2_shaped(spec.get("layers"), spec.get("hidden"))
     else:
         model, tok = load_model(spec["model"])
-    # the benchmark's work stays 16 x 24 tokens (4 prompts x 4), as its tables and issue 25's GPU target say
-    cfg = replace(ENGLISH_DEMO_CONFIG, model=spec["model"], controller="fixed", kl_coef=0.1, bf16=spec["bf16"], batch_size=16,
+    cfg = replace(ENGLISH_DEMO_CONFIG, model=spec["model"], controller="fixed", kl_coef=0.1, bf16=spec["bf16"],
+                  batch_size=spec.get("batch_size", ENGLISH_DEMO_CONFIG.batch_size),
                   steps=spec["warmup"] + spec["updates"] + 1, checkpoint_every=10**9, samples_every=10**9,
                   device=spec.get("device", "cpu"), advantage=spec.get("advantage", ENGLISH_DEMO_CONFIG.advantage))
     return model, tok, english_prompts("train"), cfg

@@ -23,7 +23,8 @@ import sys
 
 import torch
 
-from .attention import KLBELT_FP32, fp32_attention
+from . import attention
+from .attention import KLBELT_FP32
 
 ARCHITECTURES = ("llama", "mistral", "qwen2")
 
@@ -130,7 +131,7 @@ class LeanDecoder:
             keys, values = cache.keys[i], cache.values[i]
             keys[:, :, start:end] = k
             values[:, :, start:end] = v
-            out, _ = fp32_attention(attn, q, keys[:, :, :end], values[:, :, :end], mask, scaling=attn.scaling)
+            out, _ = attention.fp32_attention(attn, q, keys[:, :, :end], values[:, :, :end], mask, scaling=attn.scaling)  # looked up per call: tests count its calls
             hidden = hidden + attn.o_proj(out.reshape(B, T, H * D))
             hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
         cache.length = end
