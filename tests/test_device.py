@@ -32,8 +32,8 @@ CPU_ON_PURPOSE = {
 
 
 def factory_calls_without_device(tree: ast.AST):
-    """``(function, factory, line)`` of every ``torch.FACTORY(...)`` with no ``device=`` whose result is
-    not moved at once (``torch.X(...).to(...)`` / ``.cuda()``)."""
+    """``(function, factory, line)`` of every ``torch.FACTORY(...)`` with no ``device=`` (nor ``**kwargs`` that may
+    hold one) whose result is not moved at once (``torch.X(...).to(...)`` / ``.cuda()``)."""
     moved = set()
     for node in ast.walk(tree):
         if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr in ("to", "cuda"):
@@ -44,7 +44,7 @@ def factory_calls_without_device(tree: ast.AST):
             name = child.name if isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef)) else function
             if (isinstance(child, ast.Call) and isinstance(child.func, ast.Attribute)
                     and isinstance(child.func.value, ast.Name) and child.func.value.id == "torch"
-                    and child.func.attr in FACTORIES and not any(k.arg == "device" for k in child.keywords)
+                    and child.func.attr in FACTORIES and not any(k.arg in ("device", None) for k in child.keywords)
                     and id(child) not in moved):
                 yield function, child.func.attr, child.lineno
             yield from visit(child, name)
@@ -72,7 +72,7 @@ def test_the_device_scan_finds_a_cpu_zero_stacked_with_cuda_losses(tmp_path):
     (tmp_path / "rl").mkdir()
     (tmp_path / "rl" / "update.py").write_text(
         "import torch\n\ndef ppo_epochs(device):\n    vf_loss = torch.zeros(())\n    ok = torch.zeros((), device=device)\n"
-        "    moved = torch.randperm(4).to(device)\n")
+        "    moved = torch.randperm(4).to(device)\n    f32 = dict(device=device)\n    given = torch.empty(3, **f32)\n")
     assert scan(tmp_path) == ["rl/update.py:4 torch.zeros(...) in ppo_epochs() has no device="]
 
 
