@@ -35,7 +35,14 @@ from . import _timing
 from ._timing import Stop, peak_rss_mb
 from .work import english_work
 
-TOKENS = 16 * 24
+def _tokens() -> int:
+    """Tokens sampled per update by the English work these benches time (the demo's batch x response length)."""
+    from ..demo.task import ENGLISH_DEMO_CONFIG
+
+    return ENGLISH_DEMO_CONFIG.batch_size * ENGLISH_DEMO_CONFIG.max_new_tokens
+
+
+TOKENS = _tokens()
 CHILDREN = {
     "klbelt": "klbelt.bench.real_model:klbelt_english",
     "trl_ppo": "klbelt.bench.baselines.trl:ppo_english",
