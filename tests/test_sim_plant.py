@@ -50,8 +50,8 @@ def _passes(make, observe, seeds=range(20)):
 
 def test_the_demos_tuned_controller_keeps_the_story_where_the_old_one_lost_it():
     old = _passes(lambda: PIDKLController(0.1, 0.05, kp=0.12, ki=0.02, kd=1.0), "k1")
-    new = _passes(lambda: PIDKLController(0.1, 0.05, kp=0.12, ki=0.02, kd=1.0, warmup=6, smoothing=0.5,
-                                          min_kl_coef=0.02), "k3")
+    new = _passes(lambda: PIDKLController(0.1, 0.05, kp=0.12, ki=0.03, kd=1.0, warmup=12, smoothing=0.5,
+                                          min_kl_coef=0.05), "k3")
     assert old["min_early_beta"] == 0  # beta sent to 0 at the start in every run
     assert old["late_peak"] <= 4  # and the KL overshoots past 1.5x the target later
     assert new["min_early_beta"] == 20
@@ -62,7 +62,7 @@ def test_the_demo_config_is_the_controller_tuned_on_the_plant():
     from klbelt.demo.task import ENGLISH_DEMO_CONFIG as cfg
 
     assert (cfg.controller, cfg.pid_gains, cfg.pid_warmup, cfg.pid_smoothing, cfg.pid_min_kl_coef,
-            cfg.controller_estimator) == ("pid", [0.12, 0.02, 1.0], 6, 0.5, 0.02, "k3")
+            cfg.controller_estimator) == ("pid", [0.12, 0.03, 1.0], 12, 0.5, 0.05, "k3")
 
 
 def test_demo_criteria_read_the_series_as_documented():
