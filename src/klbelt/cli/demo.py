@@ -5,6 +5,8 @@ from __future__ import annotations
 import textwrap
 from dataclasses import replace
 
+from .args import seed_list
+
 
 def add_parser(sub) -> None:
     p = sub.add_parser(
@@ -25,7 +27,7 @@ def add_parser(sub) -> None:
     p.add_argument("--controller", choices=("fixed", "adaptive", "proportional", "pid"), default=None)
     p.add_argument("--target-kl", type=float, default=None, help="controller target, nats/token (default: 0.05)")
     p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--seeds", default=None, metavar="A-B",
+    p.add_argument("--seeds", type=seed_list, default=None, metavar="A-B",
                    help="run the demo once per seed ('0-4' or '0,2,5'), each in OUT/seedS, and print one table of "
                         "what the story needs: second-half KL against the target, proxy and gold over the first and "
                         "last 6 updates, English before and after, minutes per run (also OUT/seeds.json)")
@@ -47,7 +49,7 @@ def run(args) -> int:
     if args.seeds is not None:
         if args.seed is not None or args.resume:
             raise ValueError("--seeds runs one demo per seed: it cannot be combined with --seed or --resume")
-        return run_seeds(cfg, parse_seeds(args.seeds))
+        return run_seeds(cfg, args.seeds)
     print(f"klbelt demo: {cfg.model}, {cfg.steps} PPO updates x {cfg.batch_size} continuations of {cfg.max_new_tokens} tokens, "
           f"{cfg.controller} KL controller (target {cfg.target_kl} nats/token, beta starts at {cfg.kl_coef})")
     summary = run_demo(cfg, resume=bool(args.resume), on_step=Progress(cfg.steps))
@@ -80,21 +82,6 @@ def print_summary(summary: dict, out: str) -> None:
             print(f"  [proxy {smp['reward']:+.2f} gold {smp['gold_reward']:+.2f}] {text}")
     print(f"\nWrote {out}/: metrics.jsonl, samples.jsonl, token_kl.jsonl, config.json, checkpoint.pt, summary.json, policy/, report.html")
     print(f"Look at the run: open {out}/report.html, or run  klbelt doctor {out}")
-
-
-def parse_seeds(text: str) -> list[int]:
-    """``"0-4"`` -> [0, 1, 2, 3, 4]; ``"0,2,5"`` -> [0, 2, 5]."""
-    try:
-        if "-" in text:
-            lo, hi = (int(x) for x in text.split("-"))
-            seeds = list(range(lo, hi + 1))
-        else:
-            seeds = [int(x) for x in text.split(",")]
-    except ValueError:
-        raise ValueError(f"--seeds must be 'A-B' or a comma list of ints, got {text!r}") from None
-    if not seeds or min(seeds) < 0:
-        raise ValueError(f"--seeds must name at least one seed >= 0, got {text!r}")
-    return seeds
 
 
 def seed_row(seed: int, history: list[dict], summary: dict, target_kl: float, minutes: float) -> dict:

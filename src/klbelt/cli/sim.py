@@ -13,7 +13,7 @@ import argparse
 import json
 import sys
 
-from .args import comma_floats
+from .args import comma_floats, seed_list
 
 
 def add_parser(sub) -> None:
@@ -53,7 +53,7 @@ def add_parser(sub) -> None:
                    help="run the controller on a noisy plant with the English demo's measured dynamics and noise "
                         "(36 updates, one Adam step each, KL 0 at the first observation) over --seeds, and print "
                         "the step response and the demo's criteria (klbelt.sim.plant)")
-    g.add_argument("--seeds", default="0-19", help="plant seeds: 'A-B' or a comma list (default 0-19)")
+    g.add_argument("--seeds", type=seed_list, default=list(range(20)), help="plant seeds: 'A-B' or a comma list (default 0-19)")
     g.add_argument("--pid-gains", type=comma_floats, default=None, help="kp,ki,kd of --controller pid (default 0.05,0.02,1.0)")
     g.add_argument("--pid-warmup", type=int, default=0, help="pid: updates with beta >= --kl-coef at the start")
     g.add_argument("--pid-smoothing", type=float, default=0.8, help="pid: EMA weight on the past KL (P and D terms)")
@@ -135,20 +135,6 @@ def _pid(args, target_kl: float):
                            warmup=args.pid_warmup, **gains)
 
 
-def _seeds(text: str) -> list[int]:
-    try:
-        if "-" in text:
-            lo, hi = (int(x) for x in text.split("-"))
-            seeds = list(range(lo, hi + 1))
-        else:
-            seeds = [int(x) for x in text.split(",")]
-    except ValueError:
-        raise ValueError(f"--seeds must be 'A-B' or a comma list of ints, got {text!r}") from None
-    if not seeds:
-        raise ValueError(f"--seeds names no seed: {text!r}")
-    return seeds
-
-
 def _plant(args) -> int:
     """The demo plant: one run per seed, the step response of the first, and the demo's criteria over all."""
     from dataclasses import replace
@@ -165,7 +151,7 @@ def _plant(args) -> int:
         make = lambda: FixedKLController(args.kl_coef)  # noqa: E731
     make()  # bad settings fail here, before any run
     plant = replace(DEMO_PLANT, observe_estimator=args.observe, **({"steps": args.steps} if args.steps else {}))
-    rows = run_seeds(make, _seeds(args.seeds), plant)
+    rows = run_seeds(make, args.seeds, plant)
     crit = ("second_half_kl", "min_early_beta", "late_peak")
     passed = {k: sum(r["passed"][k] for r in rows) for k in crit}
     if args.json:
