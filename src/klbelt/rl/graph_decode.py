@@ -27,14 +27,13 @@ logits_to_keep)`` returns the logits of the kept positions and the cache.
 
 from __future__ import annotations
 
-import sys
 import warnings
 
 import torch
 import torch.nn.functional as F
 
 from .device import cuda_graphs_unavailable
-from .lean_decode import _Output, unsupported
+from .lean_decode import _Output, bind_modules
 
 CAPACITY_STEP = 32  # capacities are rounded up to a multiple of this: prompts of other lengths reuse one graph
 _warned: set[str] = set()
@@ -75,18 +74,8 @@ class GraphDecoder:
     """
 
     def __init__(self, model, graphs: bool | None = None):
-        reason = unsupported(model, attention=None)
-        if reason is not None:
-            raise ValueError(f"GraphDecoder cannot run {type(model).__name__}: {reason}")
-        self.model = model
-        self.apply_rotary = sys.modules[type(model.model.layers[0].self_attn).__module__].apply_rotary_pos_emb
-        body = model.model
-        self.embed, self.layers, self.norm, self.rotary, self.head = body.embed_tokens, list(body.layers), body.norm, body.rotary_emb, model.lm_head
-        config = model.config
-        self.heads, self.kv_heads = config.num_attention_heads, config.num_key_value_heads
-        self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.heads
+        bind_modules(self, model, attention=None)
         self.device = next(model.parameters()).device
-        self.extra = 0
         self.caches: dict[tuple[int, int], StaticCache] = {}
         why = "graphs=False" if graphs is False else cuda_graphs_unavailable(self.device)
         self.why_no_graphs = why

@@ -76,6 +76,27 @@ class LeanCache:
         self.capacity, self.length = capacity, 0
 
 
+def bind_modules(decoder, model, attention: str | None) -> None:
+    """Give ``decoder`` the Llama-family ``model``'s modules and shapes (a decoder's shared set-up).
+
+    Sets ``model``, ``apply_rotary`` (the model's own module function), ``embed``, ``layers``, ``norm``,
+    ``rotary``, ``head``, ``heads``, ``kv_heads``, ``head_dim`` and ``extra`` (tokens reserved, 0).
+    Raises ``ValueError`` naming the decoder when :func:`unsupported` gives a reason.
+    """
+    reason = unsupported(model, attention=attention)
+    if reason is not None:
+        raise ValueError(f"{type(decoder).__name__} cannot run {type(model).__name__}: {reason}")
+    decoder.model = model
+    decoder.apply_rotary = sys.modules[type(model.model.layers[0].self_attn).__module__].apply_rotary_pos_emb
+    body = model.model
+    decoder.embed, decoder.layers, decoder.norm = body.embed_tokens, list(body.layers), body.norm
+    decoder.rotary, decoder.head = body.rotary_emb, model.lm_head
+    config = model.config
+    decoder.heads, decoder.kv_heads = config.num_attention_heads, config.num_key_value_heads
+    decoder.head_dim = getattr(config, "head_dim", None) or config.hidden_size // decoder.heads
+    decoder.extra = 0
+
+
 class LeanDecoder:
     """KV-cached forward of a Llama-family Hugging Face model's modules (see the module's docstring).
 
@@ -83,17 +104,7 @@ class LeanDecoder:
     """
 
     def __init__(self, model):
-        reason = unsupported(model)
-        if reason is not None:
-            raise ValueError(f"LeanDecoder cannot run {type(model).__name__}: {reason}")
-        self.model = model
-        self.apply_rotary = sys.modules[type(model.model.layers[0].self_attn).__module__].apply_rotary_pos_emb
-        body = model.model
-        self.embed, self.layers, self.norm, self.rotary, self.head = body.embed_tokens, list(body.layers), body.norm, body.rotary_emb, model.lm_head
-        config = model.config
-        self.heads, self.kv_heads = config.num_attention_heads, config.num_key_value_heads
-        self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.heads
-        self.extra = 0
+        bind_modules(self, model, KLBELT_FP32)
 
     def reserve(self, new_tokens: int) -> None:
         self.extra = int(new_tokens)
