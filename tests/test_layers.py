@@ -75,7 +75,7 @@ def _top(module: str) -> str:
 
 # the one upward import the diagram states: best_of_n samples with the trainer's sampler, imported when called,
 # so that ``import klbelt.bon`` stays torch-only
-ALLOWED_LAZY = {("klbelt.bon", "klbelt.rl.rollout")}
+ALLOWED_LAZY = {("klbelt.bon", "klbelt.rl.sampling.policy")}
 
 
 def test_no_module_imports_a_layer_above_its_own():
@@ -90,6 +90,29 @@ def test_no_module_imports_a_layer_above_its_own():
                 offences.append(f"{name} (layer {layers[_top(name)]}) imports {target} (layer {layers[_top(target)]})"
                                 + (" inside a function" if lazy else ""))
     assert not offences, "\n".join(offences)
+
+
+def test_no_module_in_rl_imports_a_private_name_from_another():
+    # a name with a leading underscore is its module's own business; what another module needs is public
+    offences = []
+    for path in sorted((PKG / "rl").rglob("*.py")):
+        name, imports = _imports(path)
+        for target, _, names in imports:
+            if target.startswith("klbelt.rl") and target != name:
+                offences += [f"{name} imports {target}.{n}" for n in names if n.startswith("_") and n != "__version__"]
+            if target.rsplit(".", 1)[-1].startswith("_") and target.startswith("klbelt.rl"):
+                offences.append(f"{name} imports the private module {target}")
+    assert not offences, "\n".join(offences)
+
+
+def test_the_private_name_rule_sees_a_private_import(tmp_path, monkeypatch):
+    (tmp_path / "klbelt" / "rl").mkdir(parents=True)
+    bad = tmp_path / "klbelt" / "rl" / "bad.py"
+    bad.write_text("from .scoring import _fused\n\ndef f():\n    from .hf import _forward_params\n")
+    monkeypatch.setitem(globals(), "PKG", tmp_path / "klbelt")  # _module() reads it
+    name, imports = _imports(bad)
+    privates = [n for target, _, names in imports for n in names if n.startswith("_")]
+    assert name == "klbelt.rl.bad" and privates == ["_fused", "_forward_params"]
 
 
 def test_no_two_modules_import_each_other():
@@ -126,9 +149,21 @@ def test_train_calls_each_step_of_the_map_in_order():
     tree = ast.parse((PKG / "rl" / "trainer.py").read_text())
     train = next(n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == "train")
     loop = next(n for n in ast.walk(train) if isinstance(n, ast.For))
-    called = [n.func.id for n in ast.walk(loop) if isinstance(n, ast.Call) and isinstance(n.func, ast.Name)]
-    steps = ["sample_batch", "score_batch", "shape_rewards_with_kl", "advantages_of", "ppo_epochs", "observe_kl",
+    calls = sorted((n for n in ast.walk(loop) if isinstance(n, ast.Call)), key=lambda n: (n.lineno, n.col_offset))
+    called = [ast.unparse(n.func) for n in calls]
+    steps = ["sample_batch", "score_batch", "shape_rewards_with_kl", "run.advantages", "ppo_epochs", "observe_kl",
              "step_metrics"]
     assert [c for c in called if c in steps] == steps
     # the loop reads as the algorithm: one screenful
     assert loop.end_lineno - loop.lineno + 1 <= 45
+
+
+def test_every_step_function_takes_the_run_first_and_at_most_7_arguments():
+    tree = ast.parse((PKG / "rl" / "update.py").read_text())
+    steps = {"sample_batch", "score_batch", "shape_rewards_with_kl", "ppo_epochs", "ppo_minibatch", "observe_kl",
+             "step_metrics"}
+    found = {n.name: n.args for n in tree.body if isinstance(n, ast.FunctionDef) and n.name in steps}
+    assert set(found) == steps
+    for name, args in found.items():
+        params = [a.arg for a in args.posonlyargs + args.args + args.kwonlyargs]
+        assert params[0] == "run" and len(params) <= 7, (name, params)

@@ -98,10 +98,12 @@ def test_lora_on_a_model_without_targetable_layers_names_the_layers_it_found():
 
 
 def test_bf16_on_a_cpu_without_support_warns_and_runs_fp32(monkeypatch):
-    monkeypatch.setattr(lora, "bf16_supported", lambda: False)
+    from klbelt.rl import precision
+
+    monkeypatch.setattr(precision, "bf16_supported", lambda: False)
     with pytest.warns(RuntimeWarning, match="no native bf16"):
-        assert lora.resolve_bf16(True, "cpu") is False
-    assert lora.resolve_bf16(False, "cpu") is False
+        assert precision.resolve_bf16(True, "cpu") is False
+    assert precision.resolve_bf16(False, "cpu") is False
 
 
 @pytest.mark.skipif(not lora.bf16_supported(), reason="this CPU has no native bf16")

@@ -15,6 +15,8 @@ from klbelt.rl.config import TrainConfig
 from klbelt.rl.lora import Reference
 from klbelt.rl.rollout import Rollout, response_logits, sample
 from klbelt.rl.samplers import RolloutCorrection
+from klbelt.rl.distributed import World
+from klbelt.rl.run import Run
 from klbelt.rl.update import Batch, KLInLoss, score_batch, shape_rewards_with_kl
 from tiny_models import tiny_gpt2, word_tokenizer
 
@@ -128,10 +130,11 @@ def test_the_kl_the_controller_sees_under_top_k_or_top_p_is_the_exact_kl_at_the_
     cfg = TrainConfig(temperature=T, max_new_tokens=2, batch_size=1, out=str(tmp_path), **filt)
     roll = _all_two_token_rollouts(tok, prompt, vocab)
     batch = Batch([""] * len(mu_y), slice(0, len(mu_y)), roll, [""] * len(mu_y))
-    reference = Reference(policy, ref.eval())
-    correction = RolloutCorrection("policy", "off", filtered=True)
-    scores = score_batch(batch, lambda texts: torch.zeros(len(texts)), reference, correction, policy, None, cfg, False)
-    _, kl_tokens = shape_rewards_with_kl(scores, roll.response_mask, 0.1, cfg)
+    with Run(cfg, World.current(), torch.device("cpu"), tok, [], lambda texts: torch.zeros(len(texts))) as run:
+        run.use_models(policy, Reference(policy, ref.eval()))
+        assert run.correction == RolloutCorrection("policy", "off", filtered=True, fused=True)
+        scores = score_batch(run, batch)
+        _, kl_tokens = shape_rewards_with_kl(run, scores, roll.response_mask, 0.1)
     weights = torch.tensor([mu_y[y1, y2] for y1 in vocab for y2 in vocab], dtype=torch.float64)
     seen = float((weights * kl_tokens.double().mean(-1)).sum())
     assert seen == pytest.approx(truth, rel=1e-4, abs=1e-6)
@@ -212,17 +215,19 @@ def test_filter_settings_that_cannot_be_honoured_are_refused_by_name():
 
 
 def test_the_controller_is_fed_the_exact_kl_whatever_controller_estimator_says_under_a_filter():
-    from klbelt.rl.distributed import World
     from klbelt.rl.update import PPOStats, Scores, observe_kl
 
     g = torch.Generator().manual_seed(0)
     old, ref = -torch.rand(3, 4, generator=g), -torch.rand(3, 4, generator=g)
     exact, mask = torch.rand(3, 4, generator=g), torch.ones(3, 4)
     ppo = PPOStats([], [(torch.tensor(1.0), torch.tensor(12.0))])
+    roll = Rollout(torch.zeros(3, 4, dtype=torch.long), torch.ones(3, 4), 0, mask, old)
+    run = Run(TrainConfig(controller_estimator="k3"), World.current(), torch.device("cpu"), None, [], None)
     for exact_kl, k3_fed in ((exact, False), (None, True)):
-        scores = Scores(torch.zeros(3), ref, old, None, {}, None, torch.zeros(3), None, exact_kl)
+        scores = Scores(rewards=torch.zeros(3), ref_logprobs=ref, old_logprobs=old, is_weights=None, mismatch={},
+                        old_values=None, ref_nll=torch.zeros(3), exact_kl=exact_kl)
         kl = exact if exact_kl is not None else old - ref
-        observed = observe_kl(kl, mask, scores, ppo, "token-mean", World.current(), "k3")
+        observed = observe_kl(run, Batch([], slice(0, 3), roll, []), scores, kl, ppo, "token-mean")
         d = ref - old
         k3 = float((torch.exp(d) - 1 - d).mean())
         assert observed.kl == pytest.approx(k3 if k3_fed else float(exact.mean()), rel=1e-6)

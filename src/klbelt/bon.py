@@ -10,7 +10,7 @@ unit of klbelt's ``kl_seq``.
 The maths (:func:`best_of_n_kl`, :func:`best_of_n_kl_estimate`,
 :func:`best_of_n_probs`, :func:`exact_best_of_n_kl`, :func:`fit_gold_vs_kl`)
 needs torch only; :func:`best_of_n` samples from a Hugging Face causal LM
-with klbelt's sampler (:mod:`klbelt.rl.rollout`), imported when called.
+with klbelt's sampler (:mod:`klbelt.rl.sampling.policy`), imported when called.
 """
 
 from __future__ import annotations
@@ -219,7 +219,7 @@ def sample_pool(policy, tokenizer, prompts: Sequence[str], n: int, reward_fn: Ca
 
 def _sample_pool(policy, tokenizer, prompts, n, reward_fn, gold_fn, *, max_new_tokens, temperature, block_eos, batch_size, seed):
     """:func:`sample_pool` plus ``seq_logprob`` [P, n]: each response's log-probability under the sampling distribution."""
-    from .rl.rollout import sample
+    from .rl.sampling.policy import sample
 
     n = _check_n(n)
     if isinstance(prompts, str) or not prompts or not all(isinstance(p, str) for p in prompts):

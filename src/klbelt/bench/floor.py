@@ -29,10 +29,10 @@ def _sampler(model, cache_model, prompt_ids, prompt_mask, response_tokens: int, 
     """
     import torch
 
-    from klbelt.rl.rollout import _cache_kwarg, _returned_cache
+    from klbelt.rl.hf import cache_kwarg, returned_cache
 
     B = prompt_ids.shape[0]
-    cache_kw = _cache_kwarg(cache_model)
+    cache_kw = cache_kwarg(cache_model)
 
     @torch.no_grad()
     def generate(**first_kwargs):
@@ -46,7 +46,7 @@ def _sampler(model, cache_model, prompt_ids, prompt_mask, response_tokens: int, 
             if step + 1 == response_tokens:
                 break
             mask = torch.cat([mask, mask.new_ones(B, 1)], 1)
-            out = model(input_ids=token, attention_mask=mask, position_ids=pos, use_cache=True, **{cache_kw: _returned_cache(out)})
+            out = model(input_ids=token, attention_mask=mask, position_ids=pos, use_cache=True, **{cache_kw: returned_cache(out)})
             pos = pos + 1
         return torch.cat([prompt_ids] + tokens, 1)
 
@@ -153,9 +153,11 @@ def english_floor(spec: dict) -> dict:
 
     from klbelt.kl import logprobs_from_logits
     from klbelt.rl.attention import resolve, set_attention
-    from klbelt.rl.lora import adapters_disabled, apply_lora, autocast, hold_base_in_bf16
-    from klbelt.rl.merged_sampler import MergedCopySampler
-    from klbelt.rl.rollout import last_positions, position_ids
+    from klbelt.rl.hf import adapters_disabled
+    from klbelt.rl.lora import apply_lora
+    from klbelt.rl.precision import autocast, hold_base_in_bf16
+    from klbelt.rl.sampling.merged import MergedCopySampler
+    from klbelt.rl.hf import last_positions, position_ids
 
     model, tok, prompts, cfg = english_work(spec)
     device = torch.device(cfg.device)

@@ -133,7 +133,7 @@ def run(args) -> int:
 
     On a GPU (``--device cuda``) klbelt and the floor only: TRL's sides are CPU measurements."""
     from klbelt.rl.device import check_device
-    from klbelt.rl.lora import bf16_supported
+    from klbelt.rl.precision import bf16_supported
 
     device = check_device(getattr(args, "device", "cpu"))
     import torch

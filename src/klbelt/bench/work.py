@@ -56,13 +56,13 @@ def prewarm(policy, reward, prompt_ids) -> None:
 
     import torch
 
-    from klbelt.rl.rollout import _cache_kwarg, _returned_cache
+    from klbelt.rl.hf import cache_kwarg, returned_cache
 
     model = copy.deepcopy(policy)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
     with torch.no_grad():
         out = model(input_ids=prompt_ids, use_cache=True)
-        model(input_ids=prompt_ids[:, -1:], use_cache=True, **{_cache_kwarg(model): _returned_cache(out)})
+        model(input_ids=prompt_ids[:, -1:], use_cache=True, **{cache_kwarg(model): returned_cache(out)})
         reward(input_ids=prompt_ids)
     model(input_ids=prompt_ids).logits.float().log_softmax(-1).mean().backward()
     opt.step()

@@ -11,7 +11,7 @@ from .args import seed_list
 def add_parser(sub) -> None:
     p = sub.add_parser(
         "demo",
-        help="fine-tune a small English model against a hackable reward with an adaptive (PID) KL belt (~6 min)",
+        help="fine-tune a small English model against a hackable reward with an adaptive (PID) KL belt (about 3 min on 2 CPU cores)",
         description="Fine-tune SmolLM2-135M-Instruct (LoRA) to make its continuations of everyday English openings "
         "'positive' according to VADER (a hackable proxy), with the KL to the frozen reference held near a target by an "
         "adaptive controller (PID by default; --controller adaptive is the article's step rule). Prints samples before "

@@ -13,7 +13,8 @@ import sys
 
 import torch
 
-from ..rl.rollout import response_logprobs, sample
+from ..rl.sampling import sample
+from ..rl.scoring import response_logprobs
 from .calibrate import DEGENERATE, _summary, print_degenerate
 from .english import ENGLISH_JUDGE, english_prompts
 from .models import load_model

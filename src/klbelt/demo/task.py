@@ -18,7 +18,8 @@ import torch
 
 from ..rl.config import TrainConfig
 from ..rl.io import atomic_write_text, save_pretrained_atomic
-from ..rl.rollout import response_logprobs, sample
+from ..rl.sampling import sample
+from ..rl.scoring import response_logprobs
 from ..rl.trainer import train
 
 # Demo defaults: about 3 minutes on a 2-core CPU (see DEMO_STEPS), measured, not guessed.
@@ -70,7 +71,8 @@ ENGLISH_DEMO_CONFIG = replace(
     # Rollouts from a bf16 copy of the weights with the adapters merged in (synced before each
     # rollout), the trainer's log-probs from PPO's single forward, and full logits (at 16 x 24
     # rows the [N, V] logits are 75 MB): measured by `klbelt bench trainer --model smollm2`,
-    # README "Speed"; the copy's mismatch with the trained policy is in every step's metrics.
+    # docs/english-demo.md, "How one update runs"; the copy's mismatch with the trained policy is in
+    # every step's metrics.
     sampler="bf16-merged",
     fused_head=False,
     # The frozen base's linear weights stored as the bf16 values autocast reads (exact: the same
@@ -83,7 +85,7 @@ ENGLISH_DEMO_CONFIG = replace(
     kl_coef=0.1,
     controller="pid",
     # measured, 3 seeds each (second-half KL, target 0.05): the default gains [0.05, 0.02, 1.0] ran
-    # high (0.071, 0.060, 0.058); kp 0.12 centres it (README, "The article's story in English")
+    # high (0.071, 0.060, 0.058); kp 0.12 centres it (docs/measurements/2026-11-29/demo_pid_seeds.txt)
     # Tuned in `klbelt sim --plant demo` (docs/controller.md), a plant with the demo's measured dynamics and noise,
     # then on the demo itself: the KL of the first updates is 0 (policy = reference), which without a warm-up sent
     # beta to 0 and let the KL overshoot to 3.7x the target on an Intel Xeon; with a 6-update warm-up and a 0.02
@@ -156,8 +158,8 @@ def demo_inputs(cfg: TrainConfig):
 def show_samples(model, ref, tokenizer, cfg: TrainConfig, n: int = N_SHOW, seed: int = 1234) -> list[dict]:
     """Continuations of ``n`` held-out prompts, with proxy and gold rewards, same seed every time.
 
-    ``ref`` is a :class:`klbelt.rl.lora.Reference` (or a frozen model) that scores the reference NLL."""
-    from ..rl.lora import Reference
+    ``ref`` is a :class:`klbelt.rl.scoring.Reference` (or a frozen model) that scores the reference NLL."""
+    from ..rl.scoring import Reference
 
     task = task_for(cfg.model)
     prompts = task.prompts(tokenizer, "eval", n)
@@ -285,7 +287,8 @@ def run_demo(
     show: bool = True,
 ) -> dict:
     """Train on the demo task; write the run folder; return the summary with samples."""
-    from ..rl.lora import Reference, apply_lora
+    from ..rl.lora import apply_lora
+    from ..rl.scoring import Reference
 
     model, tokenizer, prompts, proxy, gold = demo_inputs(cfg)
     if cfg.lora_rank:  # the reference is the same weights with the adapters disabled
@@ -320,7 +323,7 @@ def _plain(model):
     """A plain transformers model to save: LoRA adapters merged into a copy of the base weights."""
     import copy
 
-    from ..rl.lora import is_lora
+    from ..rl.hf import is_lora
 
     return copy.deepcopy(model).merge_and_unload() if is_lora(model) else model
 

@@ -36,7 +36,7 @@ METRICS: dict[str, tuple[str, str]] = {
     "entropy_seq": ("nats/sequence", "policy entropy summed over a response (TRL's objective/entropy)"),
     "rlhf_reward": ("reward", "score - beta * KL summed over a response"),
     "distinct_2": ("fraction", "distinct bigrams / bigrams in the batch's responses"),
-    "exclaim_rate": ("fraction", "share of responses with '!' (the demo's hackable proxy)"),
+    "exclaim_rate": ("per 100 chars", "'!' marks per 100 characters of the batch's responses (the demo's hackable proxy)"),
     "tokens": ("tokens", "valid tokens in the batch"),
     "response_len": ("tokens", "mean valid tokens per sequence"),
     "kl_hist": ("counts", "valid tokens per bin of KL_HIST_EDGES (nats/token)"),

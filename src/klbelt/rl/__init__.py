@@ -1,26 +1,31 @@
-"""Layer 5: the RLHF loop on any Hugging Face causal LM (config, rollouts, advantages, PPO losses, trainer).
+"""Layer 5: the RLHF loop on any Hugging Face causal LM (config, sampling, scoring, advantages, PPO losses, trainer).
 
 ``train``, ``TrainConfig``, ``sample`` and the rest load on first use, so
 ``import klbelt.rl`` stays cheap.
 """
 
-from .advantages import gae, group_advantages, whiten
+from .advantages import gae, group_advantages, group_baseline, whiten
 from .losses import ppo_policy_loss, ppo_value_loss
 from .reward_model import RewardModel
 
 _LAZY = {
     "TrainConfig": "config",
     "train": "trainer",
-    "TrainingError": "trainer",
-    "make_controller": "trainer",
-    "sample": "rollout",
-    "Rollout": "rollout",
-    "response_logprobs": "rollout",
+    "TrainingError": "update",
+    "make_controller": "run_state",
+    "Run": "run",
+    "sample": "sampling",
+    "make_sampler": "sampling",
+    "SamplingParams": "sampling",
+    "Rollout": "sampling",
+    "response_logprobs": "scoring",
+    "Reference": "scoring",
     "ValueModel": "critic",
 }
 
-__all__ = ["train", "TrainConfig", "TrainingError", "make_controller", "sample", "Rollout", "response_logprobs",
-           "ValueModel", "gae", "group_advantages", "whiten", "ppo_policy_loss", "ppo_value_loss", "RewardModel"]
+__all__ = ["train", "TrainConfig", "TrainingError", "make_controller", "Run", "sample", "make_sampler", "SamplingParams",
+           "Rollout", "response_logprobs", "Reference", "ValueModel", "gae", "group_advantages", "group_baseline",
+           "whiten", "ppo_policy_loss", "ppo_value_loss", "RewardModel"]
 
 
 def __getattr__(name: str):

@@ -1,6 +1,11 @@
-"""Advantage estimators: GAE with a value head, and a critic-free group baseline."""
+"""Advantage estimators: GAE with a value head, and a critic-free group baseline.
+
+:class:`Advantages` is the trainer's choice between them, made once per run.
+"""
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 
@@ -75,18 +80,7 @@ def whiten(values: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, ep
     return out * m
 
 
-def group_advantages(scores: torch.Tensor, group_size: int, scale: str = "std", eps: float = 1e-6) -> torch.Tensor:
-    r"""Critic-free advantages from several samples per prompt (GRPO / RLOO style).
-
-    Scores are laid out prompt-major: ``scores[g * group_size + i]`` is sample i
-    of prompt g. With the group mean :math:`\bar s_g`:
-
-    * ``scale="std"`` (GRPO): :math:`(s_i - \bar s_g) / (\mathrm{std}_g + \epsilon)`;
-    * ``scale="none"`` (Dr. GRPO): :math:`s_i - \bar s_g`;
-    * ``scale="loo"`` (RLOO): :math:`s_i - \frac{1}{n-1}\sum_{j \ne i} s_j`.
-
-    Returns ``[B]`` advantages (one per sequence; broadcast over its tokens).
-    """
+def _check_groups(scores: torch.Tensor, group_size: int) -> None:
     _checks.tensor("scores", scores, floating=True)
     if scores.dim() != 1:
         raise ValueError(f"scores must be [B], got shape {tuple(scores.shape)}")
@@ -94,14 +88,71 @@ def group_advantages(scores: torch.Tensor, group_size: int, scale: str = "std", 
         raise ValueError(f"group_size must be an int >= 2, got {group_size!r}")
     if scores.numel() % group_size:
         raise ValueError(f"scores has {scores.numel()} entries, not a multiple of group_size={group_size}")
-    _checks.choice("scale", scale, ("std", "none", "loo"))
     _checks.finite("scores", scores)
-    groups = scores.detach().reshape(-1, group_size)
-    mean = groups.mean(-1, keepdim=True)
+
+
+def group_baseline(scores: torch.Tensor, group_size: int) -> torch.Tensor:
+    r"""The mean score of each sample's group, :math:`\bar s_g`, one per sample ``[B]`` (prompt-major layout,
+    as :func:`group_advantages`): the critic-free baseline."""
+    _check_groups(scores, group_size)
+    return scores.detach().reshape(-1, group_size).mean(-1, keepdim=True).expand(-1, group_size).reshape(-1)
+
+
+def group_advantages(scores: torch.Tensor, group_size: int, scale: str = "std", eps: float = 1e-6) -> torch.Tensor:
+    r"""Critic-free advantages from several samples per prompt (GRPO / RLOO style).
+
+    Scores are laid out prompt-major: ``scores[g * group_size + i]`` is sample i
+    of prompt g. With the group mean :math:`\bar s_g` (:func:`group_baseline`):
+
+    * ``scale="std"`` (GRPO): :math:`(s_i - \bar s_g) / (\mathrm{std}_g + \epsilon)`;
+    * ``scale="none"`` (Dr. GRPO): :math:`s_i - \bar s_g`;
+    * ``scale="loo"`` (RLOO): :math:`s_i - \frac{1}{n-1}\sum_{j \ne i} s_j`.
+
+    Returns ``[B]`` advantages (one per sequence; broadcast over its tokens).
+    """
+    baseline = group_baseline(scores, group_size)  # checks scores and group_size
+    _checks.choice("scale", scale, ("std", "none", "loo"))
+    centred = (scores.detach() - baseline).reshape(-1, group_size)
     if scale == "std":
-        out = (groups - mean) / (groups.std(-1, unbiased=False, keepdim=True) + eps)
+        out = centred / (scores.detach().reshape(-1, group_size).std(-1, unbiased=False, keepdim=True) + eps)
     elif scale == "none":
-        out = groups - mean
+        out = centred
     else:
-        out = (groups - mean) * group_size / (group_size - 1)
+        out = centred * group_size / (group_size - 1)
     return out.reshape(-1)
+
+
+def weigh(x: torch.Tensor, weights: torch.Tensor | None) -> torch.Tensor:
+    """``x * weights``, or ``x`` itself when the rollouts came from the trained policy (no weights)."""
+    return x if weights is None else x * weights
+
+
+@dataclass
+class Advantages:
+    """The advantage estimator, chosen once: GAE with the critic, or the group baseline."""
+
+    kind: str  # "gae" or "group"
+    gamma: float
+    lam: float
+    group_size: int
+    whiten: bool
+    group: object = None  # the process group (whitening is global over ranks)
+
+    @classmethod
+    def from_config(cls, cfg, group=None) -> "Advantages":
+        return cls(cfg.advantage, cfg.gamma, cfg.lam, cfg.group_size, cfg.whiten_advantages, group)
+
+    def __call__(self, rewards: torch.Tensor, values: torch.Tensor | None, mask: torch.Tensor,
+                 is_weights: torch.Tensor | None = None):
+        """``(advantages, returns)``; returns is None without a critic. Weighted by pi/mu when given
+        (w >= 0, so w * PPO's clipped term = PPO's term with advantage w * A)."""
+        if self.kind == "gae":
+            advantages, returns = gae(rewards, values, mask, self.gamma, self.lam)
+        else:
+            # critic-free: reward-to-go minus the mean total return of the sample's group
+            to_go = rewards.flip(-1).cumsum(-1).flip(-1)
+            baseline = group_baseline(rewards.sum(-1), self.group_size)
+            advantages, returns = (to_go - baseline[:, None]) * mask, None
+        if self.whiten:
+            advantages = whiten(advantages, mask, group=self.group)
+        return weigh(advantages, is_weights), returns

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import torch
 
+from .hf import hf_model
+
 KLBELT_FP32 = "klbelt_fp32"
 AUTO = "auto"  # by device: klbelt_fp32 on the CPU (its fastest there), PyTorch's fused SDPA kernels on a GPU
 CHOICES = ("model", "sdpa", "eager", KLBELT_FP32, AUTO)  # "model": whatever the model was loaded with
@@ -75,9 +77,7 @@ def register() -> None:
 
 def current(model) -> str | None:
     """The attention implementation ``model`` (a Hugging Face model, possibly peft-wrapped) runs now."""
-    from .rollout import _hf_model
-
-    config = getattr(_hf_model(model), "config", None)
+    config = getattr(hf_model(model), "config", None)
     return getattr(config, "_attn_implementation", None)
 
 
@@ -89,25 +89,17 @@ def set_attention(model, name: str) -> str | None:
     """
     _check(name)
     if name == AUTO:
-        name = resolve(name, next(_model_parameters(model)).device)
+        name = resolve(name, next(hf_model(model).parameters()).device)
     previous = current(model)
     if name == "model":
         return previous
-    from .rollout import _hf_model
-
-    hf = _hf_model(model)
+    hf = hf_model(model)
     if not hasattr(hf, "set_attn_implementation"):
         raise ValueError(f"attn_implementation {name!r} needs a Hugging Face model; {type(hf).__name__} has no set_attn_implementation")
     if name == KLBELT_FP32:
         register()
     hf.set_attn_implementation(name)
     return previous
-
-
-def _model_parameters(model):
-    from .rollout import _hf_model
-
-    return _hf_model(model).parameters()
 
 
 def set_attention_of(models, name: str) -> list[tuple]:
@@ -120,8 +112,6 @@ def set_attention_of(models, name: str) -> list[tuple]:
 
 def restore_attention(saved: list[tuple]) -> None:
     """Put back the implementations :func:`set_attention_of` found (a run's choice does not outlive it)."""
-    from .rollout import _hf_model
-
     for model, previous in reversed(saved):
         if previous is not None and current(model) != previous:
-            _hf_model(model).set_attn_implementation(previous)
+            hf_model(model).set_attn_implementation(previous)

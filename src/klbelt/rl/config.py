@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 
@@ -22,14 +22,28 @@ class TrainConfig:
     reward: str = "vader"  # "vader" (demo proxy), a local sequence-classification model dir, or "module:function"
     seed: int = 0  # seeds sampling, shuffling and initialisation
     device: str = "cpu"  # torch device of models and tensors
-    lora_rank: int = 0  # 0 = full fine-tune; r > 0 trains LoRA adapters (peft) and scores the reference with them disabled
+    lora_rank: int = field(default=0, metadata={"help": (
+        '0 = full fine-tune; r > 0 trains LoRA adapters (peft) and scores the reference with them disabled')})
     lora_alpha: float | None = None  # LoRA scale numerator (default 2 * lora_rank)
-    reference: str = "initial"  # the frozen reference: "initial" (the policy as given, its adapters included, frozen) or "base" (every adapter disabled: the bare base model)
-    ref_sync_every: int = 0  # 0 = never; N > 0: every N updates the reference becomes the current policy (TR-DPO's hard update; the controller keeps its state)
-    fused_head: bool = True  # log-probs from the last hidden states and the LM head in row blocks, never the [B, R, V] logits (false: full logits)
-    bf16: bool = False  # bf16 autocast for the trained forward passes where the CPU/GPU supports it; log-probs and KL stay fp32
-    attn_implementation: str = "model"  # attention of every pass: "model" (as loaded), "sdpa", "eager" (Hugging Face's), "klbelt_fp32" (scores, softmax and sum in fp32, materialised: fastest on CPU for short sequences, O(length^2) memory) or "auto" (klbelt_fp32 on the CPU, sdpa on a GPU)
-    bf16_base: bool = False  # with bf16, LoRA and a sampler other than "policy": store the frozen base's linear weights as the bf16 values autocast reads (exact, faster, less memory); fp32 again when the run ends
+    reference: str = field(default="initial", metadata={"help": (
+        'the frozen reference: "initial" (the policy as given, its adapters included, frozen) or "base" '
+        '(every adapter disabled: the bare base model)')})
+    ref_sync_every: int = field(default=0, metadata={"help": (
+        "0 = never; N > 0: every N updates the reference becomes the current policy (TR-DPO's hard update; "
+        'the controller keeps its state)')})
+    fused_head: bool = field(default=True, metadata={"help": (
+        'log-probs from the last hidden states and the LM head in row blocks, never the [B, R, V] logits '
+        '(false: full logits)')})
+    bf16: bool = field(default=False, metadata={"help": (
+        'bf16 autocast for the trained forward passes where the CPU/GPU supports it; log-probs and KL stay '
+        'fp32')})
+    attn_implementation: str = field(default="model", metadata={"help": (
+        'attention of every pass: "model" (as loaded), "sdpa", "eager" (Hugging Face\'s), "klbelt_fp32" '
+        '(scores, softmax and sum in fp32, materialised: fastest on CPU for short sequences, O(length^2) '
+        'memory) or "auto" (klbelt_fp32 on the CPU, sdpa on a GPU)')})
+    bf16_base: bool = field(default=False, metadata={"help": (
+        'with bf16, LoRA and a sampler other than "policy": store the frozen base\'s linear weights as the '
+        'bf16 values autocast reads (exact, faster, less memory); fp32 again when the run ends')})
     # --- rollouts
     steps: int = 100  # PPO updates (one batch of rollouts each)
     batch_size: int = 32  # sequences per update (prompts x group_size)
@@ -40,15 +54,29 @@ class TrainConfig:
     top_p: float = 1.0  # 1.0 = off
     stop_on_eos: bool = True  # end a response at EOS (masked after it)
     block_eos: bool = False  # never sample EOS: every response is full length
-    sampler: str = "policy"  # who draws rollouts: "policy" (the trained model, as trained), "bf16" (same weights, bf16 autocast + KV cache: a real sampler/trainer mismatch), "bf16-merged" (a bf16 copy of the weights, LoRA merged in, synced before each rollout: an inference engine's weights, in process) or "vllm" (vLLM's CPU build, bf16, in its own venv)
-    vllm_python: str | None = None  # sampler "vllm": the python of the venv with vLLM (scripts/setup_vllm.sh; null: $KLBELT_VLLM_PYTHON)
-    rollout_correction: str = "off"  # sampler != policy: "off", "tis" (token min(pi/mu, is_cap)), "mis" (sequence masked IS), "band" (token weight 0 outside is_band)
-    is_cap: float = 2.0  # the issue's `cap`: truncation cap (tis) / upper edge (mis) of the importance weight pi/mu, > 1
-    is_band: list[float] | None = None  # the issue's `band`: [lo, hi] with 0 <= lo < 1 < hi for "band"/"mis" (null: [0.5, 2.0] for "band")
+    sampler: str = field(default="policy", metadata={"help": (
+        'who draws rollouts: "policy" (the trained model, as trained), "bf16" (same weights, bf16 autocast + '
+        'KV cache: a real sampler/trainer mismatch), "bf16-merged" (a bf16 copy of the weights, LoRA merged '
+        'in, synced before each rollout: an inference engine\'s weights, in process) or "vllm" (vLLM\'s CPU '
+        'build, bf16, in its own venv)')})
+    vllm_python: str | None = field(default=None, metadata={"help": (
+        'sampler "vllm": the python of the venv with vLLM (scripts/setup_vllm.sh; null: $KLBELT_VLLM_PYTHON)')})
+    rollout_correction: str = field(default="off", metadata={"help": (
+        'sampler != policy: "off", "tis" (token min(pi/mu, is_cap)), "mis" (sequence masked IS), "band" '
+        '(token weight 0 outside is_band)')})
+    is_cap: float = field(default=2.0, metadata={"help": (
+        "the issue's `cap`: truncation cap (tis) / upper edge (mis) of the importance weight pi/mu, > 1")})
+    is_band: list[float] | None = field(default=None, metadata={"help": (
+        'the issue\'s `band`: [lo, hi] with 0 <= lo < 1 < hi for "band"/"mis" (null: [0.5, 2.0] for "band")')})
     # --- KL penalty
     kl_in: str = "reward"  # "reward": -beta*k1 per token in the reward (PPO); "loss": beta*k2|k3 in the loss (GRPO)
-    kl_estimator: str = "k1"  # estimator for kl_in: k1 (reward), k2 or k3 (loss); "exact" (kl_in reward): the logged and controlled KL is the exact full-vocabulary KL(pi || ref) per visited position (always so under top_k/top_p)
-    kl_ratio_correction: bool = True  # kl_in loss: weigh each token's KL by pi_theta/pi_old (TRL's use_bias_correction_kl; k3: the differentiable ratio, k2: its value), so later epochs/minibatches keep the gradient of KL(pi_theta || ref)
+    kl_estimator: str = field(default="k1", metadata={"help": (
+        'estimator for kl_in: k1 (reward), k2 or k3 (loss); "exact" (kl_in reward): the logged and controlled '
+        'KL is the exact full-vocabulary KL(pi || ref) per visited position (always so under top_k/top_p)')})
+    kl_ratio_correction: bool = field(default=True, metadata={"help": (
+        "kl_in loss: weigh each token's KL by pi_theta/pi_old (TRL's use_bias_correction_kl; k3: the "
+        'differentiable ratio, k2: its value), so later epochs/minibatches keep the gradient of KL(pi_theta '
+        '|| ref)')})
     kl_coef: float = 0.1  # beta, or the initial beta of an adaptive controller
     controller: str = "adaptive"  # "fixed", "adaptive" (step rule), "proportional" (Ziegler 2019) or "pid"
     target_kl: float = 0.05  # controller target, in the controller's unit (kl_unit)
@@ -80,10 +108,15 @@ class TrainConfig:
     out: str = "runs/train"  # output directory (metrics.jsonl, samples.jsonl, config.json, checkpoint)
     checkpoint_every: int = 10  # updates between checkpoints (and at the end)
     samples_every: int = 10  # updates between sample dumps into samples.jsonl
-    report_to: list[str] | None = None  # where metrics and alerts also go: any of "jsonl", "csv", "tensorboard", "wandb", "mlflow" (metrics.jsonl is always written)
+    report_to: list[str] | None = field(default=None, metadata={"help": (
+        'where metrics and alerts also go: any of "jsonl", "csv", "tensorboard", "wandb", "mlflow" '
+        '(metrics.jsonl is always written)')})
 
     def __post_init__(self):
         from ..kl.estimators import ESTIMATOR_ALIASES
+        from .attention import CHOICES as ATTENTION_CHOICES
+        from .importance import CORRECTIONS
+        from .sampling import SAMPLERS
 
         self.kl_estimator = ESTIMATOR_ALIASES.get(self.kl_estimator, self.kl_estimator)  # verl's names: kl, mse, low_var_kl
         choices = {
@@ -94,9 +127,9 @@ class TrainConfig:
             "kl_unit": ("token-mean", "seq-sum"),
             "advantage": ("gae", "group"),
             "clamp_gradient": ("zero", "pass"),
-            "sampler": ("policy", "bf16", "bf16-merged", "vllm"),
-            "rollout_correction": ("off", "tis", "mis", "band"),
-            "attn_implementation": ("model", "sdpa", "eager", "klbelt_fp32", "auto"),
+            "sampler": SAMPLERS,
+            "rollout_correction": CORRECTIONS,
+            "attn_implementation": ATTENTION_CHOICES,
             "controller_estimator": ("k1", "k3"),
         }
         if self.report_to is not None:

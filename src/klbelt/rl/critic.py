@@ -7,7 +7,8 @@ import copy
 import torch
 from torch import nn
 
-from .rollout import Rollout, position_ids
+from .hf import forward_tokens, hf_model
+from .sampling.rollout import Rollout
 
 
 class ValueModel(nn.Module):
@@ -28,18 +29,13 @@ class ValueModel(nn.Module):
 
     @classmethod
     def from_policy(cls, policy) -> "ValueModel":
-        base = policy.get_base_model() if hasattr(policy, "get_base_model") else policy  # a peft model's transformer
-        trunk = copy.deepcopy(base.base_model)
+        trunk = copy.deepcopy(hf_model(policy).base_model)  # a peft model's transformer
         trunk.requires_grad_(True)
         return cls(trunk, policy.config.hidden_size)
 
     def forward(self, rollout: Rollout) -> torch.Tensor:
         """Values ``[B, R]`` (fp32) at the positions that predict each response token."""
-        R = rollout.sequences.shape[1] - rollout.prompt_len
-        hidden = self.trunk(
-            input_ids=rollout.sequences,
-            attention_mask=rollout.attention_mask,
-            position_ids=position_ids(rollout.attention_mask),
-        ).last_hidden_state[:, -(R + 1) : -1]
+        R = rollout.response_len
+        hidden = forward_tokens(self.trunk, rollout.sequences, rollout.attention_mask).last_hidden_state[:, -(R + 1) : -1]
         # the head is fp32 whatever the trunk's dtype: values are regression targets, kept in fp32
         return self.head(hidden.float()).squeeze(-1) * rollout.response_mask

@@ -196,32 +196,3 @@ def canonical(cls, values: dict, *, where: str = "config") -> tuple[dict, list[s
             value = ESTIMATOR_ALIASES[value]
         out[name] = value
     return out, notes
-
-
-def parse_overrides(cls, items: list[str], *, where: str = "override") -> dict:
-    """``["kl_coef=0.05", "--lr", "1e-6", "--lr=1e-6"]`` -> ``{"kl_coef": "0.05", "lr": "1e-6"}`` (raw strings)."""
-    out, i = {}, 0
-    while i < len(items):
-        item = items[i]
-        if item.startswith("--"):
-            key, eq, value = item[2:].partition("=")
-            if not eq:
-                if i + 1 >= len(items) or (items[i + 1].startswith("--") and not _is_number(items[i + 1])):
-                    raise ValueError(f"{where} --{key}: expected a value (--{key} VALUE or {key}=VALUE)")
-                value = items[i + 1]
-                i += 1
-        elif "=" in item:
-            key, _, value = item.partition("=")
-        else:
-            raise ValueError(f"{where} {item!r}: expected KEY=VALUE or --KEY VALUE")
-        out[key] = value
-        i += 1
-    return out
-
-
-def _is_number(text: str) -> bool:
-    try:
-        float(text)
-        return True
-    except ValueError:
-        return False

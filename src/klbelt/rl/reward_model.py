@@ -1,4 +1,5 @@
-"""A reward from a Hugging Face sequence-classification model with one label.
+"""Rewards: :func:`call_reward` scores a batch with any reward function and checks what it returns;
+:class:`RewardModel` is a reward from a Hugging Face sequence-classification model with one label.
 
 r(prompt, response) is the model's scalar output read at the last valid token
 of prompt + response, the convention of decoder reward models (GPT-2, Llama,
@@ -8,9 +9,33 @@ Qwen, ... ``ForSequenceClassification``: a transformer trunk and a linear
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 
-from .rollout import Rollout, position_ids
+from .hf import forward_tokens
+from .sampling.rollout import Rollout
+
+RewardFn = Callable[[list[str]], torch.Tensor]
+
+
+def call_reward(reward_fn: RewardFn, texts: list[str], rollout: Rollout | None = None, name: str = "reward function") -> torch.Tensor:
+    """Score a batch and check the result is ``[B]`` finite numbers.
+
+    ``reward_fn`` is a texts -> scores callable, or an object with a
+    ``score_rollout(rollout)`` method (e.g. a reward model that reads the
+    token ids directly, with no decode/re-encode).
+    """
+    if rollout is not None and hasattr(reward_fn, "score_rollout"):
+        scores = reward_fn.score_rollout(rollout)
+    else:
+        scores = reward_fn(texts)
+    scores = torch.as_tensor(scores).detach().float()
+    if scores.shape != (len(texts),):
+        raise ValueError(f"{name} must return one score per text, shape [{len(texts)}]; got shape {tuple(scores.shape)}")
+    if not bool(torch.isfinite(scores).all()):
+        raise ValueError(f"{name} returned NaN or infinite scores for {int((~torch.isfinite(scores)).sum())} of {len(texts)} texts")
+    return scores
 
 
 class RewardModel:
@@ -88,7 +113,7 @@ class RewardModel:
             pad = self.model.config.pad_token_id
             ids = input_ids if pad is None else input_ids.masked_fill(mask == 0, pad)
             return self.model(input_ids=ids, attention_mask=mask).logits[:, 0].float()
-        hidden = self.model.base_model(input_ids=input_ids, attention_mask=mask, position_ids=position_ids(mask)).last_hidden_state
+        hidden = forward_tokens(self.model.base_model, input_ids, mask).last_hidden_state
         return self._head(hidden[rows, last]).squeeze(-1).float()
 
     def score_rollout(self, rollout: Rollout) -> torch.Tensor:

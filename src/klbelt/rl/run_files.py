@@ -4,7 +4,8 @@
 run keeps every log line before its checkpoint and drops the ones after it,
 which the run then redoes), builds the KL monitor with the health rules'
 state of the steps already run, and writes each update's lines. Only rank 0
-writes; the checkpoint itself is :class:`klbelt.rl.run_state.RunState`'s.
+writes; the checkpoint itself is :class:`klbelt.rl.run_state.RunState`'s (its file name,
+:data:`CHECKPOINT_FILE`, is the folder's).
 """
 
 from __future__ import annotations
@@ -16,11 +17,29 @@ import torch
 
 from ..monitor import KLMonitor
 from ..monitor.sinks import make_sink
+from ..monitor.token_report import TOKEN_KL_FILE
 from .config import TrainConfig
 from .distributed import World
 from .io import JsonlLog, atomic_write_text, read_jsonl
-from .run_state import CHECKPOINT_FILE, read_steps_before, replay_monitor
-from .token_log import TOKEN_KL_FILE, token_kl_record
+from .token_log import token_kl_record
+
+CHECKPOINT_FILE = "checkpoint.pt"
+
+
+def read_steps_before(metrics_path: Path, start: int) -> list[dict]:
+    """The metrics records of the steps a resumed run keeps (those before its checkpoint's step)."""
+    return [r for r in read_jsonl(metrics_path) if r["step"] < start] if start else []
+
+
+def replay_monitor(monitor, records: list[dict]) -> None:
+    """Give ``monitor``'s health rules the state they had after ``records``, silently (no alerts, no sink lines).
+
+    A resumed run then alerts exactly as the uninterrupted run would have.
+    """
+    replay = KLMonitor(sinks=(), warn=False)
+    for old in records:
+        replay.log_metrics(old["step"], {k: v for k, v in old.items() if k != "alerts"})
+    monitor.history, monitor.engine = replay.history, replay.engine
 
 
 class RunFiles:
@@ -58,15 +77,16 @@ class RunFiles:
         replay_monitor(monitor, replayed)
         return monitor
 
-    def write_step(self, step: int, record: dict, batch, rewards: torch.Tensor, kl: torch.Tensor, tokenizer) -> None:
-        """Append the update's metrics, every ``samples_every`` steps 4 samples, and the per-token KL of rank 0's first rows."""
+    def write_step(self, batch, logged, kl: torch.Tensor, tokenizer) -> None:
+        """Append the update's metrics (``logged``: :func:`~klbelt.rl.update.step_metrics`'s), every
+        ``samples_every`` steps 4 samples, and the per-token KL of rank 0's first rows."""
         if not self.world.is_main:
             return
-        cfg = self.cfg
-        self.metrics.append(record)
+        cfg, step = self.cfg, batch.step
+        self.metrics.append(logged.record)
         if step % cfg.samples_every == 0 or step == cfg.steps - 1:
-            self.samples.append({"step": step, "prompts": batch.prompts[:4], "responses": batch.all_texts[:4],
-                                 "rewards": rewards[:4].tolist()})
+            self.samples.append({"step": step, "prompts": batch.prompts[:4], "responses": logged.texts[:4],
+                                 "rewards": logged.per_sequence[:4, 0].tolist()})
         self.tokens.append(token_kl_record(step, batch.prompts[batch.rows], batch.roll.responses, batch.mask, kl, tokenizer))
 
     def checkpoint_due(self, step: int) -> bool:

@@ -3,10 +3,9 @@
 :class:`RunState` holds the trained models, their fp32 masters and optimisers,
 the KL controller, the two random streams (sampling and minibatch shuffling)
 and the next step. It owns the checkpoint format (``save``/``load``), the reference
-fingerprint that stops a resume with a different reference model, and the
-replay that gives a resumed run's health rules their state
-(:func:`replay_monitor`).
-The run folder's logs are :mod:`klbelt.rl.run_files`.
+fingerprint that stops a resume with a different reference model.
+The run folder's logs, and the replay that gives a resumed run's health rules
+their state, are :mod:`klbelt.rl.run_files`.
 """
 
 from __future__ import annotations
@@ -18,11 +17,10 @@ from pathlib import Path
 import torch
 
 from .config import TrainConfig
-from .io import atomic_torch_save, read_jsonl
-from .lora import load_policy_state, policy_state
+from .hf import is_lora, unwrap
+from .io import atomic_torch_save
 from .precision import MasterWeights
-
-CHECKPOINT_FILE = "checkpoint.pt"
+from .run_files import CHECKPOINT_FILE, read_steps_before, replay_monitor  # noqa: F401  (their old path)
 
 
 def fingerprint(model) -> list[float]:
@@ -46,6 +44,26 @@ def checkpoint_bytes(*masters: MasterWeights | None) -> int:
     return total
 
 
+def policy_state(policy) -> dict:
+    """What a checkpoint keeps of the policy: every weight, or only the adapters under LoRA
+    (the base weights are the reference, restored by loading the same model)."""
+    model = unwrap(policy)
+    if is_lora(model):
+        return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    return model.state_dict()
+
+
+def load_policy_state(policy, state: dict) -> None:
+    model = unwrap(policy)
+    if is_lora(model):
+        missing = [n for n, p in model.named_parameters() if p.requires_grad and n not in state]
+        if missing:
+            raise ValueError(f"resume: the checkpoint has no LoRA weights for {missing[0]} (was it written with the same lora_rank?)")
+        model.load_state_dict(state, strict=False)
+    else:
+        model.load_state_dict(state)
+
+
 def make_controller(cfg: TrainConfig):
     """The KL controller ``cfg`` names, in its unit (``cfg.kl_unit``)."""
     from .. import control
@@ -61,24 +79,6 @@ def make_controller(cfg: TrainConfig):
     return control.PIDKLController(init_kl_coef=cfg.kl_coef, target_kl=cfg.target_kl, unit=cfg.kl_unit,
                                    smoothing=cfg.pid_smoothing, min_kl_coef=cfg.pid_min_kl_coef, warmup=cfg.pid_warmup,
                                    **gains)
-
-
-def read_steps_before(metrics_path: Path, start: int) -> list[dict]:
-    """The metrics records of the steps a resumed run keeps (those before its checkpoint's step)."""
-    return [r for r in read_jsonl(metrics_path) if r["step"] < start] if start else []
-
-
-def replay_monitor(monitor, records: list[dict]) -> None:
-    """Give ``monitor``'s health rules the state they had after ``records``, silently (no alerts, no sink lines).
-
-    A resumed run then alerts exactly as the uninterrupted run would have.
-    """
-    from ..monitor import KLMonitor
-
-    replay = KLMonitor(sinks=(), warn=False)
-    for old in records:
-        replay.log_metrics(old["step"], {k: v for k, v in old.items() if k != "alerts"})
-    monitor.history, monitor.engine = replay.history, replay.engine
 
 
 @dataclass

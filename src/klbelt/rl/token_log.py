@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import torch
 
-from ..monitor.token_report import TOKEN_KL_FILE  # noqa: F401  (the trainer names the file through here)
-
 N_LOGGED = 4  # responses logged per step (the first rows of rank 0's batch, as samples.jsonl shows)
 
 

@@ -1,8 +1,9 @@
 """The RLHF loop: rollouts -> rewards shaped with KL -> advantages -> PPO -> controller.
 
-Read ``train`` top to bottom: the options are chosen once before the loop, and
-each step of one update is a few lines calling a named piece of
-:mod:`klbelt.rl.update`. The run's state and checkpoint are
+Read ``train`` top to bottom: the options are chosen once before the loop (a
+:class:`klbelt.rl.run.Run`, which also puts the caller's models back when the run
+ends, however it ends), and each step of one update is a line calling a named
+piece of :mod:`klbelt.rl.update`. The run's state and checkpoint are
 :class:`klbelt.rl.run_state.RunState`; its folder and logs are
 :class:`klbelt.rl.run_files.RunFiles`.
 """
@@ -10,43 +11,25 @@ each step of one update is a few lines calling a named piece of
 from __future__ import annotations
 
 import copy
-import gc
-import time
-from pathlib import Path
 from typing import Callable
 
 import torch
 
-from .attention import resolve as resolve_attention, restore_attention, set_attention_of
 from .config import TrainConfig
 from .critic import ValueModel
 from .device import check_device
 from .distributed import World
+from .hf import unwrap
 from .io import check_writable
-from .lora import Reference, adapters_at_zero, apply_lora, hold_base_in_bf16, is_lora, resolve_bf16, restore_fp32
-from .rollout import set_fused_head, unwrap
-from .run_files import RunFiles, write_run_report
-from .run_state import RunState, checkpoint_bytes, fingerprint, make_controller
-from .samplers import RolloutCorrection, make_sampler
-from .update import (
-    Advantages,
-    RewardFn,
-    TrainingError,
-    call_reward,
-    check_finite,
-    kl_placement,
-    observe_kl,
-    pad_to,
-    ppo_epochs,
-    prompt_indices,
-    sample_batch,
-    score_batch,
-    shape_rewards_with_kl,
-    step_metrics,
-)
+from .lora import adapters_at_zero, apply_lora, is_lora
+from .reward_model import RewardFn
+from .run import Run
+from .run_files import RunFiles
+from .run_state import RunState
+from .scoring import Reference
+from .update import TrainingError, observe_kl, ppo_epochs, sample_batch, score_batch, shape_rewards_with_kl, step_metrics
 
-__all__ = ["train", "TrainingError", "make_controller", "call_reward", "check_finite", "fingerprint",
-           "checkpoint_bytes", "prompt_indices", "pad_to", "write_run_report", "RewardFn"]
+__all__ = ["train", "TrainingError"]
 
 
 def train(
@@ -99,81 +82,54 @@ def train(
     check_writable(cfg.out)
     device = check_device(cfg.device)  # 'cuda' without CUDA: refused here, before a model moves
     torch.manual_seed(cfg.seed)
-
-    # The run's options, chosen once.
-    policy, reference = policy_and_reference(cfg, policy, ref_policy, device)  # the policy as given (cfg.reference), frozen
-    critic = ValueModel.from_policy(policy).to(device).eval() if cfg.advantage == "gae" else None
-    use_bf16 = resolve_bf16(cfg.bf16, device)  # autocast for the differentiated passes only
-    # the attention kernel of every pass (policy, reference, critic, and the sampler copies built from them); restored at the end
-    attention_before = set_attention_of([policy, reference.model, critic.trunk if critic else None], resolve_attention(cfg.attn_implementation, device))
-    fused_before = set_fused_head(cfg.fused_head)  # log-probs from hidden states in row blocks (klbelt.kl.fused), or full logits; restored at the end
-    draw = make_sampler(cfg.sampler, vllm_python=cfg.vllm_python)  # the sampler mu that draws the rollouts
-    correction = RolloutCorrection(cfg.sampler, cfg.rollout_correction, cfg.is_cap, tuple(cfg.is_band) if cfg.is_band else None,
-                                   filtered=bool(cfg.top_k) or cfg.top_p < 1.0)  # top-k/top-p: mu is the filtered distribution
-    placement = kl_placement(cfg)  # -beta * k1 in the reward, or beta * k2/k3 in the loss
-    advantages_of = Advantages.from_config(cfg, world.group)  # GAE with the critic, or the group baseline
     prepare_tokenizer(tokenizer)
 
-    # The run's state, its files, and where it starts (a resumed run continues from its checkpoint).
-    state = RunState.create(cfg, policy, critic, reference.base_parameters(), device,
-                            reference_model=reference.model if cfg.ref_sync_every else None)
-    # A full disk must stop the run now, not at its first checkpoint: room for two checkpoints and the logs.
-    check_writable(cfg.out, need_bytes=2 * state.checkpoint_bytes() + (16 << 20))
-    files = RunFiles(cfg, world)
-    start = state.step if resume and state.resume(files.out, device) else 0
-    monitor = files.open(start, warn_alerts=warn_alerts)
-    # Differentiated passes go through the DDP wrappers (gradient all-reduce); sampling and scoring use the bare models.
-    train_policy, train_critic = world.wrap(policy), world.wrap(critic) if critic else None
-    rows = world.shard(cfg.batch_size)  # this rank's rows of the global batch
+    # The run's options, chosen once (klbelt.rl.run.Run); every change to the caller's models is undone when it ends.
+    with Run(cfg, world, device, tokenizer, prompts, reward_fn, gold_fn) as run:
+        policy, reference = policy_and_reference(cfg, policy, ref_policy, device)  # the policy as given (cfg.reference), frozen
+        critic = ValueModel.from_policy(policy).to(device).eval() if cfg.advantage == "gae" else None
+        run.use_models(policy, reference, critic)  # on the attention kernel cfg names, restored at the end
 
-    # Every pass on a LoRA base runs under bf16 autocast (the config refuses bf16_base with the "policy" sampler):
-    # its linear weights can be stored as the bf16 values autocast reads (exact; fp32 again, with those values, at the end).
-    held = hold_base_in_bf16(policy) if use_bf16 and cfg.bf16_base and reference.shared else []
-    history = []
-    try:
+        # The run's state, its files, and where it starts (a resumed run continues from its checkpoint).
+        state = RunState.create(cfg, policy, critic, reference.base_parameters(), device,
+                                reference_model=reference.model if cfg.ref_sync_every else None)
+        # A full disk must stop the run now, not at its first checkpoint: room for two checkpoints and the logs.
+        check_writable(cfg.out, need_bytes=2 * state.checkpoint_bytes() + (16 << 20))
+        files = RunFiles(cfg, world)
+        start = state.step if resume and state.resume(files.out, device) else 0
+        run.watch(files.open(start, warn_alerts=warn_alerts))
+        run.wrap_for_training()
+        run.hold_base_in_bf16()  # after the reference's fingerprint, which reads the base as given
+
+        history = []
         for step in range(start, cfg.steps):
-            t0 = time.perf_counter()
             kl_coef = float(state.controller.kl_coef)
             # 1. Rollouts: the update's prompts, responses drawn by the sampler.
-            batch = sample_batch(step, prompts, tokenizer, cfg, draw, policy, state.sample_gen, rows)
+            batch = sample_batch(run, step, state.sample_gen)
             # 2. Score: proxy reward r, reference and policy log-probs of the sampled tokens, values.
-            scores = score_batch(batch, reward_fn, reference, correction, policy, critic, cfg, use_bf16, train_policy)
+            scores = score_batch(run, batch)
             # 3. The article's reward: r - beta * KL per token (beta 0 here when the KL is in the loss); advantages.
-            shaped, kl = shape_rewards_with_kl(scores, batch.mask, placement.reward_coef(kl_coef), cfg)
-            advantages, returns = advantages_of(shaped.rewards, scores.old_values, batch.mask, scores.is_weights)
+            shaped, kl = shape_rewards_with_kl(run, scores, batch.mask, run.placement.reward_coef(kl_coef))
+            advantages, returns = run.advantages(shaped.rewards, scores.old_values, batch.mask, scores.is_weights)
             # 4. PPO: clipped policy (+ beta * KL when in the loss) and value updates, epochs x minibatches.
-            ppo = ppo_epochs(state, train_policy, train_critic, batch, scores, advantages, returns, placement, kl_coef,
-                             cfg, world, use_bf16, step, files.checkpoint)
+            ppo = ppo_epochs(run, state, batch, scores, advantages, returns, kl_coef)
             # 5. The KL belt: the observed KL, in the controller's unit, sets the next beta.
-            observed = observe_kl(kl, batch.mask, scores, ppo, state.controller.unit, world, cfg.controller_estimator)
+            observed = observe_kl(run, batch, scores, kl, ppo, state.controller.unit)
             state.controller.update(observed.kl, n_steps=cfg.batch_size)
             # 6. Metrics, samples, checkpoint.
-            record, per_seq = step_metrics(monitor, step, batch, scores, kl, ppo, observed, kl_coef,
-                                           state.controller.kl_coef, gold_fn, cfg, world, t0)
+            logged = step_metrics(run, batch, scores, kl, ppo, observed, betas=(kl_coef, state.controller.kl_coef))
             if cfg.ref_sync_every and (step + 1) % cfg.ref_sync_every == 0:  # the next update's reference is this policy
                 sync_reference(reference, policy)
                 state.ref_synced = True
-                record["ref_sync"] = 1  # the event (a number: the monitor reads every field as one), in metrics.jsonl and marked in the report's plots
-            files.write_step(step, record, batch, per_seq[:, 0], kl, tokenizer)
+                logged.record["ref_sync"] = 1  # the event (a number: the monitor reads every field as one), in metrics.jsonl and the report's plots
+            files.write_step(batch, logged, kl, tokenizer)
             if files.checkpoint_due(step):
                 files.sync()
                 state.step = step + 1
                 state.save(files.checkpoint)
-            history.append(record)
+            history.append(logged.record)
             if on_step:
-                on_step(record)
-    finally:
-        monitor.close()  # a crashed run still ends its W&B / MLflow run and flushes its sinks
-        getattr(draw, "close", lambda: None)()  # a vLLM sampler's worker process stops now; a weight copy is freed
-        set_fused_head(fused_before)  # the run's choice does not outlive it
-        restore_attention(attention_before)
-        restore_fp32(held)  # the caller's model is fp32 again (show_samples, save_pretrained run outside autocast)
-
-    # drop the DDP wrappers (and their reducers) now, not at some later collection after the
-    # caller has destroyed the process group
-    del train_policy, train_critic
-    if world.size > 1:
-        gc.collect()
+                on_step(logged.record)
     files.write_report()
     return history
 
@@ -211,7 +167,7 @@ def policy_and_reference(cfg: TrainConfig, policy, ref_policy, device: torch.dev
         policy = apply_lora(policy, cfg.lora_rank, cfg.lora_alpha)
     copy_needed = cfg.ref_sync_every > 0 or (arrived_with_adapters and cfg.reference == "initial")
     if ref_policy is None and is_lora(policy) and not copy_needed:
-        return policy, Reference(policy)
+        return policy, Reference(policy, fused=cfg.fused_head)
     if ref_policy is not None and cfg.ref_sync_every:
         mine, theirs = set(unwrap(policy).state_dict()), set(ref_policy.state_dict())
         if mine != theirs:
@@ -220,7 +176,7 @@ def policy_and_reference(cfg: TrainConfig, policy, ref_policy, device: torch.dev
                              f"{sorted(theirs ^ mine)[0]!r}); pass ref_policy=None (the reference is then a copy of the policy)")
         ref_policy = copy.deepcopy(ref_policy)  # the syncs overwrite it: never the caller's model
     frozen = ref_policy if ref_policy is not None else copy.deepcopy(policy)
-    return policy, Reference(policy, frozen.to(device).eval().requires_grad_(False))
+    return policy, Reference(policy, frozen.to(device).eval().requires_grad_(False), fused=cfg.fused_head)
 
 
 @torch.no_grad()
