@@ -1,4 +1,4 @@
-"""The README's beta table from a `klbelt sweep` folder: one row per run, from its summary.json.
+"""The beta table of docs/english-demo.md from a `klbelt sweep` folder: one row per run, from its summary.json.
 
 python docs/measurements/2026-11-29/sweep_table.py runs/sweep
 """
