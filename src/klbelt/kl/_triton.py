@@ -471,16 +471,15 @@ def _head_backward(sides, t, mask, rows, g, kind, inv_temp, blocks, shared_weigh
     half = h0.dtype != torch.float32
     bounded = half and _head_backward_mode == "bounded"
     g = _scratch(n, h0).copy_(g)
-    for side in sides:  # the gradients returned to autograd (kept by the caller)
-        hh, ww, bb = side.own
+    new = torch.empty_like if half else torch.zeros_like  # fp32: the accumulator is the gradient
+    for i, side in enumerate(sides):  # the gradients returned to autograd (kept by the caller)
+        hh, ww, _ = side.own
         side.out = [
-            (torch.zeros_like(hh, dtype=torch.float32) if not half else torch.empty_like(hh)) if side.need[0] else None,
-            (torch.zeros_like(ww, dtype=torch.float32) if not half else torch.empty_like(ww)) if side.need[1] else None,
+            new(hh) if side.need[0] else None,
+            new(ww) if side.need[1] and not (shared_weight and i == 1) else None,
             _scratch(v, h0).zero_() if side.need[2] else None,
         ]
-    if shared_weight and len(sides) == 2 and sides[1].need[1]:
-        if sides[0].out[1] is None:  # one tensor: both needs are the same, but be safe
-            sides[0].out[1] = sides[1].out[1]
+    if shared_weight and len(sides) == 2:  # one tensor on both sides (both need its gradient, or neither)
         sides[1].out[1] = sides[0].out[1]
     ks = [side.own[0].shape[1] for side in sides]
     launch = functools.partial(_bwd_launch, t=t, mask=mask, rows=rows, g=g, kind=kind, inv_temp=inv_temp, blocks=blocks)
@@ -488,19 +487,18 @@ def _head_backward(sides, t, mask, rows, g, kind, inv_temp, blocks, shared_weigh
         for side in sides:
             launch(side, 0, n, 0, v, *side.need, side.out[0], side.out[1], side.out[2])
     else:
-        if bounded:  # first pass: dL/dh, a chunk of rows at a time over all columns
-            rows_per = _dh_rows(n, max(ks), blocks)
-            acc = _scratch(rows_per * max(ks), h0)
-            for side in sides:
-                if side.need[0]:
-                    k = side.own[0].shape[1]
-                    for r0 in range(0, n, rows_per):
+        if bounded:
+            if any(s.need[0] for s in sides):  # first pass: dL/dh, a chunk of rows at a time over all columns
+                rows_per = _dh_rows(n, max(ks), blocks)
+                acc = _scratch(rows_per * max(ks), h0)
+                for side, k in zip(sides, ks):
+                    for r0 in range(0, n, rows_per) if side.need[0] else ():
                         r1 = min(r0 + rows_per, n)
                         chunk = acc[: (r1 - r0) * k].view(r1 - r0, k).zero_()
                         launch(side, r0, r1, 0, v, True, False, False, chunk, None, None)
                         side.out[0][r0:r1].copy_(chunk)
                         del chunk
-            del acc  # before the second pass's accumulator
+                del acc  # before the second pass's accumulator
             dh_acc = [None] * len(sides)
             want = [(False, s.need[1], s.need[2]) for s in sides]
         else:
