@@ -380,9 +380,12 @@ class _Side:
 # "one-pass": every tile's logits recomputed once; dL/dh accumulates in fp32 [N, H] over the whole
 # vocabulary while dL/dW accumulates DW_RANGE_BYTES of columns at a time. "bounded": two passes, each
 # recomputing the logits: dL/dh in DH_CHUNK_BYTES of rows at a time (all columns), then dL/dW and dL/db
-# in column ranges (all rows); no scratch grows with N or V. One pass cannot do both: whatever order the
-# tiles are visited in, the first row of dL/dh or column of dL/dW to be complete needs every column,
-# resp. every row, to have been touched, so min(N, V) * H fp32 partial sums are alive at that moment.
+# in column ranges (all rows); no scratch grows with N or V. One pass cannot do both with fp32 sums (short
+# of storing G, [N, V]): whatever order the tiles are visited in, when the first row of dL/dh (or of
+# dL/dW) is complete, every row of dL/dW (resp. dL/dh) has been added to and none is complete, so
+# min(N, V) rows of H fp32 partial sums are alive: 4 min(N, V) H bytes, 28-256 MiB at the issue's four
+# shapes (N < V there), against a 16 MB target. Matmuls of the head, forward + backward, log-prob (KL
+# with a frozen reference): one-pass 4 (6), bounded 5 (8); three matmuls is the unfused floor.
 DW_RANGE_BYTES = 8 << 20  # the fp32 accumulator of the weight gradient (bf16/fp16 weights), per launch
 DH_CHUNK_BYTES = 8 << 20  # "bounded": the fp32 accumulator of the hidden states' gradient, per row chunk
 HEAD_BACKWARD_MODES = ("one-pass", "bounded")
