@@ -67,13 +67,14 @@ def test_fused_logprobs_match_reference_on_both_kernel_backends(backend):
 
 def test_fused_kl_matches_reference_on_both_kernel_backends(backend):
     h, w, b, _ = _head(seed=5, dtype=torch.float32)
-    rh = (h.detach() + 0.3 * torch.randn(N, H, generator=torch.Generator().manual_seed(6))).contiguous()
+    rh = (h.detach() + 0.3 * torch.randn(N, H, generator=torch.Generator().manual_seed(6))).requires_grad_()
     got = kl_from_hidden(h, w, rh, w.detach(), bias=b, ref_bias=b.detach(), temperature=1.3, chunk_size=5)
     logp = torch.log_softmax((h.double() @ w.double().T + b.double()) / 1.3, -1)
     logq = torch.log_softmax((rh.double() @ w.detach().double().T + b.detach().double()) / 1.3, -1)
     want = (logp.exp() * (logp - logq)).sum(-1)
     torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-6)
-    for a, r in zip(_grads(got, torch.ones(N), h, w, b), _grads(want, torch.ones(N, dtype=torch.float64), h, w, b)):
+    ones = torch.ones(N)  # the reference's hidden states require a gradient: both sides of the KL backward kernel
+    for a, r in zip(_grads(got, ones, h, w, b, rh), _grads(want, ones.double(), h, w, b, rh)):
         torch.testing.assert_close(a.double(), r.double(), rtol=1e-4, atol=1e-5)
 
 
