@@ -67,13 +67,14 @@ def test_fused_logprobs_match_reference_on_both_kernel_backends(backend):
 
 def test_fused_kl_matches_reference_on_both_kernel_backends(backend):
     h, w, b, _ = _head(seed=5, dtype=torch.float32)
-    rh = (h.detach() + 0.3 * torch.randn(N, H, generator=torch.Generator().manual_seed(6))).contiguous()
+    rh = (h.detach() + 0.3 * torch.randn(N, H, generator=torch.Generator().manual_seed(6))).requires_grad_()
     got = kl_from_hidden(h, w, rh, w.detach(), bias=b, ref_bias=b.detach(), temperature=1.3, chunk_size=5)
     logp = torch.log_softmax((h.double() @ w.double().T + b.double()) / 1.3, -1)
     logq = torch.log_softmax((rh.double() @ w.detach().double().T + b.detach().double()) / 1.3, -1)
     want = (logp.exp() * (logp - logq)).sum(-1)
     torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-6)
-    for a, r in zip(_grads(got, torch.ones(N), h, w, b), _grads(want, torch.ones(N, dtype=torch.float64), h, w, b)):
+    ones = torch.ones(N)  # the reference's hidden states require a gradient: both sides of the KL backward kernel
+    for a, r in zip(_grads(got, ones, h, w, b, rh), _grads(want, ones.double(), h, w, b, rh)):
         torch.testing.assert_close(a.double(), r.double(), rtol=1e-4, atol=1e-5)
 
 
@@ -155,26 +156,81 @@ def test_blocked_tokens_are_removed_from_the_softmax():
         torch.testing.assert_close(a, r, rtol=1e-9, atol=1e-10)
 
 
+def _reference_kl(h, w, b, rh, rw, rb, direction, temperature, blocked=None):
+    """Plain float64 autograd of the closed form: both logits materialised, nothing detached."""
+    keep = torch.ones(w.shape[0], dtype=torch.bool)
+    if blocked is not None:  # blocked ids leave both distributions (their logits are -inf)
+        keep[blocked] = False
+
+    def logsm(x, m, c):
+        z = x.double() @ m.double().T + (0 if c is None else c.double())
+        return torch.log_softmax(z[:, keep] / temperature, -1)
+
+    logp, logq = logsm(h, w, b), logsm(rh, rw, rb)
+    a, c = (logp, logq) if direction == "reverse" else (logq, logp)
+    return (a.exp() * (a - c)).sum(-1)
+
+
+def _ref_head(seed, size=6, dtype=torch.float64):
+    g = torch.Generator().manual_seed(seed)
+    rh = torch.randn(N, size, generator=g, dtype=torch.float64)  # the reference may be smaller
+    rw = torch.randn(V, size, generator=g, dtype=torch.float64)
+    rb = torch.randn(V, generator=g, dtype=torch.float64)
+    return tuple(x.to(dtype).requires_grad_() for x in (rh, rw, rb))
+
+
 @pytest.mark.parametrize("direction", ["reverse", "forward"])
 @pytest.mark.parametrize("chunk_size", [4, None])
-def test_kl_from_hidden_is_exact_kl_with_gradient_to_the_policy_only(direction, chunk_size):
+def test_kl_from_hidden_is_exact_kl_with_the_gradients_of_both_sides(direction, chunk_size):
+    """A reference whose tensors require a gradient gets it, exactly as autograd of the closed form gives it."""
     h, w, b, _ = _head(seed=7)
-    g = torch.Generator().manual_seed(8)
-    rh = torch.randn(N, 6, generator=g, dtype=torch.float64).requires_grad_()  # the reference may be smaller
-    rw = torch.randn(V, 6, generator=g, dtype=torch.float64).requires_grad_()
-    got = kl_from_hidden(h, w, rh, rw, bias=b, direction=direction, temperature=0.8, chunk_size=chunk_size)
-    logp = torch.log_softmax((h @ w.T + b) / 0.8, -1)
-    logq = torch.log_softmax((rh @ rw.T) / 0.8, -1)
-    if direction == "reverse":
-        want = (logp.exp() * (logp - logq.detach())).sum(-1)
-    else:
-        want = (logq.detach().exp() * (logq.detach() - logp)).sum(-1)
+    rh, rw, rb = _ref_head(8)
+    blocked = torch.tensor([0, 5, 36])
+    kwargs = dict(bias=b, ref_bias=rb, direction=direction, temperature=0.8, chunk_size=chunk_size, blocked=blocked)
+    got = kl_from_hidden(h, w, rh, rw, **kwargs)
+    want = _reference_kl(h, w, b, rh, rw, rb, direction, 0.8, blocked)
     torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
     weights = torch.linspace(0.5, 1.5, N, dtype=torch.float64)
-    for a, r in zip(_grads(got, weights, h, w, b), _grads(want, weights, h, w, b)):
+    params = (h, w, b, rh, rw, rb)
+    for a, r in zip(_grads(got, weights, *params), _grads(want, weights, *params)):
         torch.testing.assert_close(a, r, rtol=1e-9, atol=1e-10)
-    got.sum().backward()
-    assert rh.grad is None and rw.grad is None
+    assert _grads(want, weights, rh)[0].abs().max() > 1e-3  # the reference's gradient is not trivially 0
+
+
+@pytest.mark.parametrize("direction", ["reverse", "forward"])
+def test_a_head_weight_shared_by_policy_and_reference_gets_the_total_derivative(direction):
+    """One tensor on both sides (e.g. a reference that keeps the policy's lm_head): d/dW of both sides."""
+    h, w, b, _ = _head(seed=13)
+    rh = (h.detach() + 0.5 * torch.randn(N, H, generator=torch.Generator().manual_seed(14), dtype=torch.float64))
+    got = kl_from_hidden(h, w, rh, w, bias=b, direction=direction, temperature=1.2, chunk_size=5)
+    want = _reference_kl(h, w, b, rh, w, None, direction, 1.2)
+    weights = torch.linspace(-1.0, 1.0, N, dtype=torch.float64)
+    (g_got,), (g_want,) = _grads(got, weights, w), _grads(want, weights, w)
+    torch.testing.assert_close(g_got, g_want, rtol=1e-9, atol=1e-10)
+    # the control: the policy side alone (reference weight detached) is a different number
+    (g_policy,) = _grads(_reference_kl(h, w, b, rh, w.detach(), None, direction, 1.2), weights, w)
+    assert (g_policy - g_want).abs().max() > 1e-3
+
+
+def test_a_frozen_reference_gets_no_gradient_and_no_backward_work(monkeypatch):
+    """Tensors that do not require a gradient, or detached ones: no gradient, and the KL backward kernel is
+    asked for the policy's side alone (the same work as before the reference could have a gradient)."""
+    h, w, b, _ = _head(seed=15)
+    rh, rw, rb = _ref_head(16)
+    calls = []
+    real = _kernels.run
+    monkeypatch.setattr(_kernels, "run", lambda name, *a: calls.append((name, a[-2:])) or real(name, *a))
+    for direction, policy_arg in (("reverse", 0), ("forward", 1)):
+        for ref in ((rh.detach(), rw.detach(), rb.detach()), tuple(x.detach().clone() for x in (rh, rw, rb))):
+            calls.clear()
+            out = kl_from_hidden(h, w, *ref[:2], bias=b, ref_bias=ref[2], direction=direction, chunk_size=4)
+            out.sum().backward()
+            needs = [flags for name, flags in calls if name == "kl_bwd"]
+            want = (True, False) if policy_arg == 0 else (False, True)
+            assert needs and all(flags == want for flags in needs), needs
+            assert all(x.grad is None for x in (rh, rw, rb) + ref)
+    with torch.no_grad():  # no graph at all
+        assert not kl_from_hidden(h, w, rh, rw).requires_grad
 
 
 def test_kl_from_hidden_of_identical_heads_is_zero():

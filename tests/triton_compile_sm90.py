@@ -59,12 +59,18 @@ def main(dtypes) -> int:
             kernels.append((K._head_fwd_kernel, dict(head, PMA="*fp32", PSA="*fp32", PX="*fp32", PMB="*fp32",
                                                      PSB="*fp32", PZT="*fp32"),
                             dict(IS_KL=is_kl, HAS_RBIAS=is_kl, **common), _triton.HEAD_NUM_WARPS))
-        for is_kl, policy_first in ((False, True), (True, True), (True, False)):
+        for is_kl, target_first in ((False, True), (True, True), (True, False)):
             kernels.append((K._head_bwd_kernel, dict(head, ROWA="*fp32", ROWB="*fp32", ROWC="*fp32", ROWD="*fp32",
                                                      KLV="*fp32", G="*fp32", DH="*fp32", DW="*fp32", DB="*fp32",
                                                      v_begin="i32", v_end="i32"),
-                            dict(IS_KL=is_kl, POLICY_FIRST=policy_first, HAS_RBIAS=is_kl, NEED_H=True, NEED_W=True,
+                            dict(IS_KL=is_kl, TARGET_FIRST=target_first, HAS_RBIAS=is_kl, NEED_H=True, NEED_W=True,
                                  NEED_B=True, **common), _triton.HEAD_NUM_WARPS))
+        for need_h in (True, False):  # the two passes of set_head_backward("bounded")
+            kernels.append((K._head_bwd_kernel, dict(head, ROWA="*fp32", ROWB="*fp32", ROWC="*fp32", ROWD="*fp32",
+                                                     KLV="*fp32", G="*fp32", DH="*fp32", DW="*fp32", DB="*fp32",
+                                                     v_begin="i32", v_end="i32"),
+                            dict(IS_KL=True, TARGET_FIRST=True, HAS_RBIAS=True, NEED_H=need_h, NEED_W=not need_h,
+                                 NEED_B=not need_h, **common), _triton.HEAD_NUM_WARPS))
         for fn, types, constexprs, warps in kernels:
             usage = compile_for_sm90(fn, types, constexprs, warps)
             flags = {k: v for k, v in constexprs.items() if not k.startswith("BLOCK")}

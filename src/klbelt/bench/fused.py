@@ -24,7 +24,10 @@ Extra peak memory is defined as in ``klbelt bench kernels`` (``_memory``: peak
 resident memory of one call minus what it returns, in a fresh process per
 configuration; on CUDA the allocator's peak), and taken on the first timed call.
 ``logits_mb`` is the size of the fp32 ``[N, V]`` logits, the yardstick of the
-targets (extra peak <= 1/8 of it).
+targets (extra peak <= 1/8 of it). ``--head-backward bounded`` runs the Triton
+head's bf16/fp16 backward in two passes (``klbelt.kl._triton.set_head_backward``:
+scratch bounded by ~8 MB instead of ``4 N H`` bytes, one more recompute of the
+logits); every row says which (``head_backward``).
 
 Each implementation is called once at full size to warm up (compilation,
 thread pools, autotuning), then timed ``--repeats`` times (median reported;
@@ -101,6 +104,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--big-gflop", type=float, default=1000.0,
                         help="CPU only: matmul size (2 N H V / 1e9) from which --big-repeats and the "
                              f"{WARMUP_ROWS}-row warm-up apply (default 1000)")
+    parser.add_argument("--head-backward", choices=("one-pass", "bounded"), default="one-pass",
+                        help="the Triton head's bf16/fp16 backward (CUDA): one recompute of the logits and an fp32 "
+                             "[N, H] accumulator, or two recomputes and at most ~8 MB of scratch (default one-pass)")
     parser.add_argument("--no-memory", action="store_true", help="skip the extra-peak-memory measurement")
     parser.add_argument("--device", default="cuda" if _cuda() else "cpu", help="cpu or cuda (default: cuda when available)")
     parser.add_argument("--json", action="store_true", help="print the table as JSON (a list of rows)")
@@ -152,8 +158,11 @@ def _child(spec: dict) -> dict:
     """One configuration in this (fresh) process: every implementation's median time and extra peak."""
     import torch
 
+    from klbelt.kl import _triton
+
     from . import _memory
 
+    _triton.set_head_backward(spec.get("head_backward", "one-pass"))
     torch.manual_seed(0)
     n, hsize, v, device = spec["rows"], spec["hidden"], spec["vocab"], spec["device"]
     dtype = getattr(torch, spec["dtype"])
@@ -266,7 +275,7 @@ def run(args) -> int:
                                     "big": not cuda and 2 * n * hsize * v / 1e9 >= args.big_gflop,
                                     "memory": not args.no_memory, "liger": liger and function == "logprobs",
                                     "cce": cce and function == "logprobs",
-                                    "impls": args.impls}
+                                    "impls": args.impls, "head_backward": args.head_backward}
                             spec["repeats"] = args.big_repeats if spec["big"] else args.repeats
                             proc = subprocess.run(
                                 [sys.executable, "-m", "klbelt", "bench", "fused", "--child", json.dumps(spec)],
@@ -278,7 +287,7 @@ def run(args) -> int:
                             res = json.loads(proc.stdout.strip().splitlines()[-1])
                             row = {
                                 "function": function, "pass": pass_, "rows": n, "hidden": hsize, "vocab": v,
-                                "dtype": dtype, "device": args.device,
+                                "dtype": dtype, "device": args.device, "head_backward": args.head_backward,
                                 "fused_ms": res.get("fused", none)[0], "unfused_ms": res.get("unfused", none)[0],
                                 "naive_ms": res.get("naive", none)[0], "fused_extra_peak_mb": res.get("fused", none)[1],
                                 "unfused_extra_peak_mb": res.get("unfused", none)[1],

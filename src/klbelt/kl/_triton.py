@@ -20,11 +20,16 @@ exponentials, and the sum of ``exp * z`` for the entropy or of
 in torch. The backward recomputes each tile, forms ``G = dL/dz`` exactly (no
 filtering) and adds ``G W`` and ``G^T h`` (and ``sum G`` for the bias) into
 fp32 accumulators with atomic adds (so the sums' order, and their last bits,
-vary from run to run). fp32 inputs accumulate straight into the gradients;
-bf16/fp16 ones need fp32 accumulators: ``[N, H]`` for the hidden states and,
-for the weight, ``DW_RANGE_BYTES`` at a time (one launch per range of
-vocabulary columns), so the extra memory of the backward is ``N * H * 4``
-bytes plus ``DW_RANGE_BYTES``.
+vary from run to run). For the KL it does so for each side that requires a
+gradient: the policy, and the reference when one of its tensors does (one more
+launch, which recomputes both tiles again; a frozen reference costs nothing).
+fp32 inputs accumulate straight into the gradients; bf16/fp16 ones need fp32
+scratch, whose size :func:`backward_scratch_bytes` gives: by default
+(``set_head_backward("one-pass")``) ``[N, H]`` for the hidden states and
+``DW_RANGE_BYTES`` of weight rows at a time (one launch per range of
+vocabulary columns), i.e. ``4 N H`` bytes plus ``DW_RANGE_BYTES``; in the
+``"bounded"`` mode at most ``max(DH_CHUNK_BYTES, DW_RANGE_BYTES)`` (plus
+``4 N`` and ``4 V``) for one more recompute of the logits.
 
 On CPU tensors the same kernel functions run in Triton's interpreter
 (``TRITON_INTERPRET=1``), which is how the test suite checks them.
@@ -292,10 +297,16 @@ def _combine(pm: torch.Tensor, ps: torch.Tensor, px: torch.Tensor):
 
 
 class _Head(torch.autograd.Function):
-    """Triton twin of ``fused._FusedHead`` (same arguments, outputs and saved row numbers)."""
+    """Triton twin of ``fused._FusedHead`` (same arguments, outputs and saved row numbers).
+
+    The backward runs ``_head_bwd_kernel`` once per side that needs a gradient: the policy
+    (``h, w, b``) and, for the KL, the reference (``rh, rw, rb``) when one of its tensors
+    requires a gradient (a frozen reference launches nothing). Launches and scratch
+    buffers: :func:`backward_scratch_bytes`.
+    """
 
     @staticmethod
-    def forward(ctx, kind, h, w, b, ref, t, blocked, inv_temp, with_entropy, policy_first, blocks):
+    def forward(ctx, kind, h, w, b, rh, rw, rb, t, blocked, inv_temp, with_entropy, policy_first, shared_weight, blocks):
         n, v = h.shape[0], w.shape[0]
         h, w, t = _rows(h), _rows(w), t.contiguous()
         b = None if b is None else b.contiguous()
@@ -304,8 +315,7 @@ class _Head(torch.autograd.Function):
         part = torch.empty(6, n_split, n, dtype=torch.float32, device=h.device)
         is_kl = kind == "kl"
         if is_kl:
-            rh, rw, rb = _rows(ref[0]), _rows(ref[1]), None if ref[2] is None else ref[2].contiguous()
-            ref = (rh, rw, rb)
+            rh, rw, rb = _rows(rh), _rows(rw), None if rb is None else rb.contiguous()
             first, second = ((h, w, b), (rh, rw, rb)) if policy_first else ((rh, rw, rb), (h, w, b))
         else:
             first, second = (h, w, b), (h, w, None)
@@ -330,66 +340,225 @@ class _Head(torch.autograd.Function):
                 entropy = log_s_a - (mean_a - c_a)
             rows = (out, c_a, log_s_a)
         del part
-        ref_tensors = ref if ref is not None else (None, None, None)
-        ctx.save_for_backward(h, w, b, t, mask, *ref_tensors, *rows)
+        ctx.save_for_backward(h, w, b, rh, rw, rb, t, mask, *rows)
         ctx.kind, ctx.inv_temp, ctx.policy_first, ctx.blocks = kind, inv_temp, policy_first, blocks
+        ctx.shared_weight = shared_weight
         ctx.mark_non_differentiable(entropy)
         return out, entropy
 
     @staticmethod
     def backward(ctx, g, _g_entropy):
-        h, w, b, t, mask, rh, rw, rb, *rows = ctx.saved_tensors
-        need_h, need_w, need_b = ctx.needs_input_grad[1], ctx.needs_input_grad[2], ctx.needs_input_grad[3]
-        n, v, k = h.shape[0], w.shape[0], h.shape[1]
-        f32 = dict(dtype=torch.float32, device=h.device)
-        dh = torch.zeros(n, k, **f32) if need_h else None
-        db = torch.zeros(v, **f32) if need_b else None
-        dw = dw_acc = None
-        width = v  # vocabulary columns per launch
-        if need_w:
-            dw = torch.zeros(v, k, **f32) if h.dtype == torch.float32 else torch.empty(v, k, dtype=h.dtype, device=h.device)
-            if h.dtype != torch.float32:  # fp32 accumulator for one range of columns at a time
-                width = _range_cols(h, v, k, ctx.blocks)
-                dw_acc = torch.empty(width, k, **f32)
+        h, w, b, rh, rw, rb, t, mask, *rows = ctx.saved_tensors
+        need = ctx.needs_input_grad
         is_kl = ctx.kind == "kl"
-        if is_kl:
-            kl, c_a, log_s_a, c_b, log_s_b = rows
-        else:
-            kl, c_a, log_s_a = rows
-            c_b = log_s_b = c_a
-        if n and (need_h or need_w or need_b):
-            g = g.float().contiguous()
-            for v_begin in range(0, v, width):
-                v_end = min(v_begin + width, v)
-                bm, bv, bk, n_split, cols = _head_blocks(h, n, v_end - v_begin, ctx.blocks)
-                if dw_acc is not None:
-                    dw_acc.zero_()
-                _k(h)._head_bwd_kernel[(-(-n // bm), n_split)](
-                    h, w, _or(b, h), _or(rh, h), _or(rw, w), _or(rb, h), _or(mask, h), t if not is_kl else h,
-                    c_a, log_s_a, c_b, log_s_b, kl, g, _or(dh, h), _or(dw_acc, _or(dw, h)), _or(db, h),
-                    n, v, k, k if rh is None else rh.shape[1], h.stride(0), w.stride(0),
-                    h.stride(0) if rh is None else rh.stride(0), w.stride(0) if rw is None else rw.stride(0),
-                    ctx.inv_temp, cols, v_begin, v_end,
-                    IS_KL=is_kl, POLICY_FIRST=bool(ctx.policy_first), HAS_BIAS=b is not None,
-                    HAS_RBIAS=is_kl and rb is not None, HAS_BLOCKED=mask is not None,
-                    NEED_H=need_h, NEED_W=need_w, NEED_B=need_b, IEEE=h.dtype == torch.float32, DOT_F32=_dot_f32(h),
-                    BLOCK_M=bm, BLOCK_V=bv, BLOCK_K=bk, **_launch(h, HEAD_NUM_WARPS),
-                )
-                if dw_acc is not None:
-                    dw[v_begin:v_end] = dw_acc[: v_end - v_begin]
-        cast = lambda x: None if x is None else x.to(h.dtype)  # noqa: E731
-        return None, cast(dh), cast(dw), cast(db), None, None, None, None, None, None, None
+        if not is_kl:
+            rows = [*rows, rows[1], rows[2]]  # (out, c, log_s): the kernel reads the second pair only for the KL
+        sides = [_Side((h, w, b), (rh, rw, rb), ctx.policy_first, need[1:4])]
+        if is_kl and any(need[4:7]):
+            sides.append(_Side((rh, rw, rb), (h, w, b), not ctx.policy_first, need[4:7]))
+        if not any(any(side.need) for side in sides):
+            return (None,) * 14
+        _head_backward(sides, t, mask, rows, g, ctx.kind, ctx.inv_temp, ctx.blocks, ctx.shared_weight)
+        pol = sides[0].grads
+        ref = sides[1].grads if len(sides) > 1 else (None, None, None)
+        if ctx.shared_weight:  # the total derivative sits in the policy's slot
+            pol, ref = (pol[0], pol[1] if pol[1] is not None else ref[1], pol[2]), (ref[0], None, ref[2])
+        return (None, *pol, *ref) + (None,) * 7
 
 
+class _Side:
+    """One side of the head whose gradient the backward computes: its tensors, the other side's, and which
+    argument of the KL it is (``target_first``; the log-prob's policy counts as first)."""
+
+    def __init__(self, own, other, target_first, need):
+        self.own, self.other, self.target_first = own, other, bool(target_first)
+        self.need = tuple(bool(x) for x in need)  # (hidden, weight, bias)
+        self.grads = (None, None, None)
+
+
+# The backward's fp32 scratch for bf16/fp16 inputs (fp32 inputs accumulate straight into their gradients).
+# "one-pass": every tile's logits recomputed once; dL/dh accumulates in fp32 [N, H] over the whole
+# vocabulary while dL/dW accumulates DW_RANGE_BYTES of columns at a time. "bounded": two passes, each
+# recomputing the logits: dL/dh in DH_CHUNK_BYTES of rows at a time (all columns), then dL/dW and dL/db
+# in column ranges (all rows); no scratch grows with N or V. One pass cannot do both with fp32 sums (short
+# of storing G, [N, V]): whatever order the tiles are visited in, when the first row of dL/dh (or of
+# dL/dW) is complete, every row of dL/dW (resp. dL/dh) has been added to and none is complete, so
+# min(N, V) rows of H fp32 partial sums are alive: 4 min(N, V) H bytes, 28-256 MiB at the issue's four
+# shapes (N < V there), against a 16 MB target. Matmuls of the head, forward + backward, log-prob (KL
+# with a frozen reference): one-pass 4 (6), bounded 5 (8); three matmuls is the unfused floor.
 DW_RANGE_BYTES = 8 << 20  # the fp32 accumulator of the weight gradient (bf16/fp16 weights), per launch
+DH_CHUNK_BYTES = 8 << 20  # "bounded": the fp32 accumulator of the hidden states' gradient, per row chunk
+HEAD_BACKWARD_MODES = ("one-pass", "bounded")
+_head_backward_mode = "one-pass"
 
 
-def _range_cols(h: torch.Tensor, v: int, k: int, blocks: dict | None) -> int:
+def set_head_backward(mode: str) -> str:
+    """How the fused head's backward accumulates bf16/fp16 gradients; returns the old mode.
+
+    ``"one-pass"`` (default): one recompute of the logits, fp32 scratch ``4 N H`` bytes for
+    ``dL/dhidden`` plus ``DW_RANGE_BYTES``. ``"bounded"``: two recomputes (one more matmul of the
+    head, two for the KL), fp32 scratch at most ``max(DH_CHUNK_BYTES, DW_RANGE_BYTES)``. Both are
+    exact (fp32 accumulation, no filtering). :func:`backward_scratch_bytes` gives the sizes.
+    """
+    global _head_backward_mode
+    if mode not in HEAD_BACKWARD_MODES:
+        raise ValueError(f"mode must be one of {HEAD_BACKWARD_MODES}, got {mode!r}")
+    old, _head_backward_mode = _head_backward_mode, mode
+    return old
+
+
+def _range_cols(v: int, k: int, blocks: dict | None) -> int:
     """Vocabulary columns per backward launch when the weight gradient needs an fp32 accumulator."""
     if blocks is not None and "range_cols" in blocks:
         return blocks["range_cols"]
-    bv = _head_blocks(h, 1, v, blocks)[1]
-    return max(bv, DW_RANGE_BYTES // (4 * k) // bv * bv)
+    bv = (blocks or HEAD_BLOCKS)["BLOCK_V"]
+    return min(v, max(bv, DW_RANGE_BYTES // (4 * k) // bv * bv))
+
+
+def _dh_rows(n: int, k: int, blocks: dict | None) -> int:
+    """Rows per backward launch of the "bounded" mode's first pass (a multiple of BLOCK_M)."""
+    if blocks is not None and "dh_rows" in blocks:
+        return blocks["dh_rows"]
+    bm = (blocks or HEAD_BLOCKS)["BLOCK_M"]
+    return max(1, min(n, max(bm, DH_CHUNK_BYTES // (4 * k) // bm * bm)))
+
+
+def backward_scratch_bytes(n: int, k: int, v: int, dtype: torch.dtype, *, mode: str | None = None,
+                           need_w: bool = True, bias: bool = False, ref_k: int | None = None,
+                           blocks: dict | None = None) -> dict[str, int]:
+    """The fp32 scratch buffers the fused head's backward allocates, in bytes (``name -> bytes``), and their peak.
+
+    For ``n`` rows, hidden size ``k``, vocabulary ``v``, inputs of ``dtype``; the gradient of the hidden
+    states is always asked for, that of the weight when ``need_w``, of the bias when ``bias``;
+    ``ref_k``: the reference's hidden size when it needs its gradient too (same flags). The buffers
+    (the gradients returned to autograd are not scratch: they are kept):
+
+    * ``g``: the upstream gradient in fp32, ``4 n``;
+    * fp32 inputs: nothing else (the fp32 accumulators are the gradients returned);
+    * ``"one-pass"``: ``dh`` ``4 n k`` per side (``k`` and ``ref_k``), ``dw`` ``4 C k_max`` with
+      ``C = _range_cols``, ``db`` ``4 v`` per side, all alive together;
+    * ``"bounded"``: ``db`` as above (both passes), ``dh`` ``4 R k_max`` with ``R = _dh_rows`` (first
+      pass, freed), then ``dw`` as above (second pass).
+
+    ``peak`` is the most alive at once (the forward's ``[6, n_split, N]`` partials are freed before).
+    """
+    mode = mode or _head_backward_mode
+    if mode not in HEAD_BACKWARD_MODES:
+        raise ValueError(f"mode must be one of {HEAD_BACKWARD_MODES}, got {mode!r}")
+    ks = [k] if ref_k is None else [k, ref_k]
+    sides = len(ks)
+    out = {"g": 4 * n}
+    if dtype == torch.float32:  # every accumulator is the gradient returned
+        out["peak"] = out["g"]
+        return out
+    dw = 4 * _range_cols(v, max(ks), blocks) * max(ks) if need_w else 0
+    db = 4 * v * sides if bias else 0
+    if mode == "one-pass":
+        out.update(dh=sum(4 * n * kk for kk in ks), dw=dw, db=db)
+        out["peak"] = out["g"] + out["dh"] + dw + db
+    else:
+        out.update(dh=4 * _dh_rows(n, max(ks), blocks) * max(ks), dw=dw, db=db)
+        out["peak"] = out["g"] + db + max(out["dh"], dw)
+    return out
+
+
+def _scratch(numel: int, like: torch.Tensor) -> torch.Tensor:
+    """An fp32 scratch buffer of the backward (one place, so tests can count them against backward_scratch_bytes)."""
+    return torch.empty(numel, dtype=torch.float32, device=like.device)
+
+
+def _head_backward(sides, t, mask, rows, g, kind, inv_temp, blocks, shared_weight):
+    """Fill ``side.grads`` = (dL/dhidden, dL/dweight, dL/dbias) for each side (see ``set_head_backward``)."""
+    h0, w0 = sides[0].own[0], sides[0].own[1]
+    n, v = h0.shape[0], w0.shape[0]
+    half = h0.dtype != torch.float32
+    bounded = half and _head_backward_mode == "bounded"
+    g = _scratch(n, h0).copy_(g)
+    new = torch.empty_like if half else torch.zeros_like  # fp32: the accumulator is the gradient
+    for i, side in enumerate(sides):  # the gradients returned to autograd (kept by the caller)
+        hh, ww, _ = side.own
+        side.out = [
+            new(hh) if side.need[0] else None,
+            new(ww) if side.need[1] and not (shared_weight and i == 1) else None,
+            _scratch(v, h0).zero_() if side.need[2] else None,
+        ]
+    if shared_weight and len(sides) == 2:  # one tensor on both sides (both need its gradient, or neither)
+        sides[1].out[1] = sides[0].out[1]
+    ks = [side.own[0].shape[1] for side in sides]
+    launch = functools.partial(_bwd_launch, t=t, mask=mask, rows=rows, g=g, kind=kind, inv_temp=inv_temp, blocks=blocks)
+    if not half:  # accumulate straight into the fp32 gradients, all columns in one launch
+        for side in sides:
+            launch(side, 0, n, 0, v, *side.need, side.out[0], side.out[1], side.out[2])
+    else:
+        if bounded:
+            if any(s.need[0] for s in sides):  # first pass: dL/dh, a chunk of rows at a time over all columns
+                rows_per = _dh_rows(n, max(ks), blocks)
+                acc = _scratch(rows_per * max(ks), h0)
+                for side, k in zip(sides, ks):
+                    for r0 in range(0, n, rows_per) if side.need[0] else ():
+                        r1 = min(r0 + rows_per, n)
+                        chunk = acc[: (r1 - r0) * k].view(r1 - r0, k).zero_()
+                        launch(side, r0, r1, 0, v, True, False, False, chunk, None, None)
+                        side.out[0][r0:r1].copy_(chunk)
+                        del chunk
+                del acc  # before the second pass's accumulator
+            dh_acc = [None] * len(sides)
+            want = [(False, s.need[1], s.need[2]) for s in sides]
+        else:
+            dh_acc = [_scratch(n * k, h0).view(n, k).zero_() if s.need[0] else None for s, k in zip(sides, ks)]
+            want = [s.need for s in sides]
+        if any(any(x) for x in want):
+            width = _range_cols(v, max(ks), blocks) if any(s.need[1] for s in sides) else v
+            dw_acc = _scratch(width * max(ks), h0) if any(s.need[1] for s in sides) else None
+            for v0 in range(0, v, width):
+                v1 = min(v0 + width, v)
+                pending = None  # the weight gradient dw_acc holds, flushed when the next side needs another
+                for side, (nh, nw, nb), dh in zip(sides, want, dh_acc):
+                    if not (nh or nw or nb):
+                        continue
+                    k = side.own[0].shape[1]
+                    if nw and side.out[1] is not (pending[0] if pending else None):
+                        if pending:
+                            pending[0][v0:v1].copy_(pending[1])
+                        pending = (side.out[1], dw_acc[: (v1 - v0) * k].view(v1 - v0, k).zero_())
+                    launch(side, 0, n, v0, v1, nh, nw, nb, dh, pending[1] if nw else None, side.out[2])
+                if pending:
+                    pending[0][v0:v1].copy_(pending[1])
+            del dw_acc, pending
+        for side, dh in zip(sides, dh_acc):
+            if dh is not None:
+                side.out[0].copy_(dh)
+    for side in sides:
+        dh, dw, db = side.out
+        side.grads = (dh, dw, None if db is None else db.to(side.own[0].dtype))
+
+
+def _bwd_launch(side, r0, r1, v0, v1, need_h, need_w, need_b, dh, dw, db, *, t, mask, rows, g, kind, inv_temp, blocks):
+    """One launch of ``_head_bwd_kernel`` for rows ``r0:r1`` and vocabulary columns ``v0:v1`` of ``side``.
+
+    ``dh``: fp32 rows ``r0:r1`` of dL/dhidden (``[r1 - r0, K]``); ``dw``: fp32 rows ``v0:v1`` of dL/dweight;
+    ``db``: fp32 ``[V]``. Each is added to (atomics).
+    """
+    (h, w, b), (oh, ow, ob) = side.own, side.other
+    is_kl = kind == "kl"
+    n, v, k = r1 - r0, w.shape[0], h.shape[1]
+    if n == 0:
+        return
+    h = h[r0:r1]
+    oh = h if oh is None else oh[r0:r1]
+    ow = w if ow is None else ow
+    kl, c_a, log_s_a, c_b, log_s_b = (r[r0:r1] for r in rows)
+    bm, bv, bk, n_split, cols = _head_blocks(h, n, v1 - v0, blocks)
+    _k(h)._head_bwd_kernel[(-(-n // bm), n_split)](
+        h, w, _or(b, h), oh, ow, _or(ob, h), _or(mask, h), t[r0:r1] if not is_kl else h,
+        c_a, log_s_a, c_b, log_s_b, kl, g[r0:r1], _or(dh, h), _or(dw, h), _or(db, h),
+        n, v, k, oh.shape[1], h.stride(0), w.stride(0), oh.stride(0), ow.stride(0),
+        inv_temp, cols, v0, v1,
+        IS_KL=is_kl, TARGET_FIRST=side.target_first, HAS_BIAS=b is not None,
+        HAS_RBIAS=is_kl and ob is not None, HAS_BLOCKED=mask is not None,
+        NEED_H=need_h, NEED_W=need_w, NEED_B=need_b, IEEE=h.dtype == torch.float32, DOT_F32=_dot_f32(h),
+        BLOCK_M=bm, BLOCK_V=bv, BLOCK_K=bk, **_launch(h, HEAD_NUM_WARPS),
+    )
 
 
 def _dot_f32(h: torch.Tensor) -> bool:
@@ -404,6 +573,10 @@ def _or(x, default):
 def head(kind, h, w, b, ref, t, blocked, inv_temp, with_entropy, policy_first, blocks=None):
     """The fused head in Triton: ``(out, entropy)`` as ``fused._FusedHead.apply`` returns them.
 
-    ``blocks``: tile sizes and vocabulary split (``BLOCK_M``, ``BLOCK_V``, ``BLOCK_K``, ``n_split``) for tests.
+    ``ref``: ``(ref_hidden, ref_weight, ref_bias)`` for the KL (each gets its gradient when it requires
+    one), None for the log-probs. ``blocks``: tile sizes and vocabulary split (``BLOCK_M``, ``BLOCK_V``,
+    ``BLOCK_K``, ``n_split``; ``range_cols``, ``dh_rows``: the backward's chunks) for tests.
     """
-    return _Head.apply(kind, h, w, b, ref, t, blocked, inv_temp, with_entropy, policy_first, blocks)
+    rh, rw, rb = ref if ref is not None else (None, None, None)
+    shared = ref is not None and rw is w
+    return _Head.apply(kind, h, w, b, rh, rw, rb, t, blocked, inv_temp, with_entropy, policy_first, shared, blocks)

@@ -219,15 +219,17 @@ def _head_fwd_kernel(
 def _head_bwd_kernel(
     H, W, Bias, RH, RW, RBias, Blocked, T, ROWA, ROWB, ROWC, ROWD, KLV, G, DH, DW, DB,
     N, V, K, KR, stride_h, stride_w, stride_rh, stride_rw, inv_temp, cols_per_split, v_begin, v_end,
-    IS_KL: tl.constexpr, POLICY_FIRST: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RBIAS: tl.constexpr,
+    IS_KL: tl.constexpr, TARGET_FIRST: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RBIAS: tl.constexpr,
     HAS_BLOCKED: tl.constexpr, NEED_H: tl.constexpr, NEED_W: tl.constexpr, NEED_B: tl.constexpr,
     IEEE: tl.constexpr, DOT_F32: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    """G = dL/dz of the policy tile, recomputed exactly; DH += G W, DW += G^T h, DB += sum_rows G (fp32, atomic).
+    """G = dL/dz of the target's tile, recomputed exactly; DH += G W, DW += G^T h, DB += sum_rows G (fp32, atomic).
 
-    Columns ``[v_begin, v_end)`` only, split over ``program_id(1)``; DW holds rows ``v_begin..v_end`` of
-    the weight gradient (DH and DB are whole). ROWA, ROWB: the policy's (logprob) or first argument's
-    (kl) c and log_s; ROWC, ROWD the second's.
+    The target is the side (H, W, Bias) whose gradient is wanted: the policy, or for the KL the
+    reference (launched with the sides swapped); RH, RW, RBias the KL's other side. TARGET_FIRST: the
+    target is the KL's first argument. Columns ``[v_begin, v_end)`` only, split over ``program_id(1)``;
+    DW holds rows ``v_begin..v_end`` of the weight gradient, DH the N rows given (DB is whole). ROWA,
+    ROWB: the policy's (logprob) or first argument's (kl) c and log_s; ROWC, ROWD the second's.
     """
     pid_m = tl.program_id(0)
     split = tl.program_id(1)
@@ -254,12 +256,12 @@ def _head_bwd_kernel(
         if IS_KL:
             zr = _head_tile(RH, RW, RBias, Blocked, rows64, cols, N, V, KR, stride_rh, stride_rw, inv_temp,
                             HAS_RBIAS, HAS_BLOCKED, IEEE, DOT_F32, BLOCK_M, BLOCK_V, BLOCK_K)
-            if POLICY_FIRST:  # d KL(p||q) / d a = p (log p - log q - KL)
+            if TARGET_FIRST:  # d KL(p||q) / d a = p (log p - log q - KL)
                 logp = (z - ca[:, None]) - lsa[:, None]
                 logq = (zr - cb[:, None]) - lsb[:, None]
                 p = tl.exp(logp)
                 gz = tl.where(p > 0, p * (logp - logq - kl[:, None]), 0.0)
-            else:  # d KL(p||q) / d b = q - p, the policy is b
+            else:  # d KL(p||q) / d b = q - p, the target is b
                 gz = tl.exp((z - cb[:, None]) - lsb[:, None]) - tl.exp((zr - ca[:, None]) - lsa[:, None])
         else:
             p = tl.exp((z - ca[:, None]) - lsa[:, None])
@@ -268,9 +270,15 @@ def _head_bwd_kernel(
         gz = tl.where(row_ok[:, None] & (z > float("-inf")), gz, 0.0)
         if NEED_B:
             tl.atomic_add(DB + cols, tl.sum(gz, axis=0), mask=cols < V)
-        gzc = gz.to(H.dtype.element_ty)  # rounded to the input dtype, as the unfused path's dL/dz
-        if DOT_F32:
-            gzc = gzc.to(tl.float32)
+        if DOT_F32:  # interpreter: fp32 tiles; its fp32 -> bf16 cast truncates (Triton 3.9), the GPU's rounds
+            if H.dtype.element_ty == tl.bfloat16:  # to nearest even: done here on the bits, as the GPU does
+                bits = gz.to(tl.uint32, bitcast=True)
+                bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+                gzc = bits.to(tl.float32, bitcast=True)
+            else:
+                gzc = gz.to(H.dtype.element_ty).to(tl.float32)
+        else:
+            gzc = gz.to(H.dtype.element_ty)  # rounded to the input dtype, as the unfused path's dL/dz
         for k0 in range(0, K, BLOCK_K):
             kk = k0 + ks
             if NEED_H:

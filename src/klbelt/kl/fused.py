@@ -11,10 +11,12 @@ matmul per block) instead of storing them, then
 
     dL/dh = G W,    dL/dW = G^T h,    dL/db = sum_rows G,
 
-with ``G = dL/dz`` of the block. One ``[chunk_size, V]`` logits buffer is
-reused by every block; besides it only the block's gradient ``G`` (backward) and,
-for the KL, the reference's block exist (compiled kernels; the eager kernels add
-fp32 temporaries of block size).
+with ``G = dL/dz`` of the block; for the KL the same for the reference's
+``h_ref, W_ref, b_ref`` when one of them requires a gradient (a frozen
+reference computes none). One ``[chunk_size, V]`` logits buffer is reused by
+every block; besides it only the block's gradient ``G`` (backward) and, for the
+KL, the reference's block (and its ``G`` when it needs a gradient) exist
+(compiled kernels; the eager kernels add fp32 temporaries of block size).
 
 Cost: the forward is one matmul plus the row kernel, like matmul + kernel on
 materialised logits. The backward needs the block's logits again, so
@@ -40,7 +42,7 @@ from .exact import DIRECTIONS
 # blocks would be faster (each block's matmul re-reads the whole weight: 27-row
 # blocks ran at ~60% of a 1024-row matmul's FLOP rate on a CPU, 256 rows at ~93%).
 BLOCK_FRACTION = 0.8 / 8
-BLOCK_BUFFERS = {"logprob": 2, "kl": 3}
+BLOCK_BUFFERS = {"logprob": 2, "kl": 3, "kl_ref_grad": 4}  # kl_ref_grad: the reference's gradient block too
 BLOCK_MAX_BYTES = 1 << 27
 BLOCK_MIN_ROWS = 64  # fewer rows run the matmul far below its rate; for small N the 1/8 gives way
 
@@ -88,19 +90,23 @@ class _FusedHead(torch.autograd.Function):
 
     ``kind == "logprob"``: output logp[i] = log softmax(z_i / T)[t_i] (and the
     detached entropy). ``kind == "kl"``: output KL per row between the policy
-    (``h, w, b``) and the constant reference (``ref``); ``policy_first`` says
+    (``h, w, b``) and the reference (``rh, rw, rb``); ``policy_first`` says
     whether the policy is the first argument of the KL (reverse) or the second
-    (forward). Saved for backward: the inputs and a few numbers per row.
+    (forward). Both sides get their gradients as autograd asks for them; a side
+    none of whose tensors requires a gradient costs nothing in the backward.
+    ``shared_weight``: ``w`` and ``rw`` are one tensor, whose gradient (both
+    sides) is returned once, at ``w``'s place. Saved for backward: the inputs
+    and a few numbers per row.
     """
 
     @staticmethod
-    def forward(ctx, kind, h, w, b, ref, t, blocked, inv_temp, step, with_entropy, policy_first):
+    def forward(ctx, kind, h, w, b, rh, rw, rb, t, blocked, inv_temp, step, with_entropy, policy_first, shared_weight):
         n = h.shape[0]
         acc = _kernels.acc_dtype(h.dtype)
         outs: list[torch.Tensor] = []
         entropy = torch.empty(n if with_entropy else 0, dtype=acc, device=h.device)
         buf = h.new_empty(min(step, n), w.shape[0])
-        ref_buf = None if ref is None else ref[0].new_empty(min(step, n), w.shape[0])
+        ref_buf = None if rh is None else rh.new_empty(min(step, n), w.shape[0])
         for s in range(0, n, step):
             e = min(s + step, n)
             with torch.no_grad():
@@ -113,7 +119,6 @@ class _FusedHead(torch.autograd.Function):
                             rows = slice(a, min(a + sub, e - s))
                             entropy[s + rows.start : s + rows.stop] = _entropy(z[rows], res[1][rows], res[2][rows], inv_temp)
                 else:
-                    rh, rw, rb = ref
                     zr = _block_logits(rh[s:e], rw, rb, blocked, ref_buf)
                     pair = (z, zr) if policy_first else (zr, z)
                     res = _block_forward("kl", pair, inv_temp, n * z.shape[-1])
@@ -126,20 +131,25 @@ class _FusedHead(torch.autograd.Function):
         del buf, ref_buf
         if not outs:  # no rows
             outs = _kernels.forward(kind, (h.new_empty(0, w.shape[0]),) * 2, inv_temp, None)
-        ref_tensors = ref if ref is not None else (None, None, None)
-        ctx.save_for_backward(h, w, b, t, blocked, *ref_tensors, *outs)
+        ctx.save_for_backward(h, w, b, rh, rw, rb, t, blocked, *outs)
         ctx.kind, ctx.inv_temp, ctx.step, ctx.policy_first = kind, inv_temp, step, policy_first
+        ctx.shared_weight = shared_weight
         ctx.mark_non_differentiable(entropy)
         return outs[0], entropy
 
     @staticmethod
     def backward(ctx, g, _g_entropy):
-        h, w, b, t, blocked, rh, rw, rb, *outs = ctx.saved_tensors
-        need_h, need_w, need_b = ctx.needs_input_grad[1], ctx.needs_input_grad[2], ctx.needs_input_grad[3]
+        h, w, b, rh, rw, rb, t, blocked, *outs = ctx.saved_tensors
+        need = ctx.needs_input_grad
+        need_pol, need_ref = any(need[1:4]), any(need[4:7])
         n = h.shape[0]
-        grad_h = torch.empty_like(h) if need_h else None
-        grad_w = torch.zeros_like(w) if need_w else None
-        grad_b = torch.zeros_like(b) if need_b else None
+        # one gradient buffer per input that wants it; a shared weight's two sides add into one
+        grad_h = torch.empty_like(h) if need[1] else None
+        grad_w = torch.zeros_like(w) if need[2] or (ctx.shared_weight and need[5]) else None
+        grad_b = torch.zeros_like(b) if need[3] else None
+        grad_rh = torch.empty_like(rh) if need[4] else None
+        grad_rw = grad_w if ctx.shared_weight else (torch.zeros_like(rw) if need[5] else None)
+        grad_rb = torch.zeros_like(rb) if need[6] else None
         g = g.to(outs[0].dtype)
         buf = h.new_empty(min(ctx.step, n), w.shape[0])
         ref_buf = None if rh is None else rh.new_empty(min(ctx.step, n), w.shape[0])
@@ -147,6 +157,7 @@ class _FusedHead(torch.autograd.Function):
             e = min(s + ctx.step, n)
             z = _block_logits(h[s:e], w, b, blocked, buf)
             rows = (r[s:e] for r in outs)
+            gz = gzr = None
             if ctx.kind == "logprob":
                 out, c, log_s = rows
                 gz = _kernels.run("logprob_bwd", n * z.shape[-1], z, t[s:e], c, log_s, g[s:e], ctx.inv_temp)
@@ -154,24 +165,37 @@ class _FusedHead(torch.autograd.Function):
                 kl, c_a, log_s_a, c_b, log_s_b = rows
                 zr = _block_logits(rh[s:e], rw, rb, blocked, ref_buf)
                 a, bb = (z, zr) if ctx.policy_first else (zr, z)
+                need_a, need_b = (need_pol, need_ref) if ctx.policy_first else (need_ref, need_pol)
                 ga, gb = _kernels.run(
-                    "kl_bwd", n * z.shape[-1], a, bb, c_a, log_s_a, c_b, log_s_b, kl, g[s:e], ctx.inv_temp,
-                    ctx.policy_first, not ctx.policy_first,
+                    "kl_bwd", n * z.shape[-1], a, bb, c_a, log_s_a, c_b, log_s_b, kl, g[s:e], ctx.inv_temp, need_a, need_b
                 )
-                gz = ga if ctx.policy_first else gb
+                gz, gzr = (ga, gb) if ctx.policy_first else (gb, ga)
                 del zr, a, bb, ga, gb
             del z
-            if blocked is not None:  # d z / d(h, w, b) is 0 where z was overwritten by -inf
-                gz.index_fill_(-1, blocked, 0.0)
-            gz = gz.to(h.dtype)
-            if need_h:
-                torch.mm(gz, w, out=grad_h[s:e])
-            if need_w:
-                grad_w.addmm_(gz.t(), h[s:e])
-            if need_b:
-                grad_b.add_(gz.sum(dim=0))
-            del gz  # before the next block's logits: at most two [rows, V] buffers live
-        return None, grad_h, grad_w, grad_b, None, None, None, None, None, None, None
+            _add_head_grads(gz, h[s:e], w, blocked, grad_h, grad_w, grad_b, s, e)
+            _add_head_grads(gzr, None if rh is None else rh[s:e], rw, blocked, grad_rh, grad_rw, grad_rb, s, e)
+            del gz, gzr  # before the next block's logits: the block budget (BLOCK_BUFFERS) holds
+        if ctx.shared_weight:
+            grad_rw = None  # already inside grad_w
+        return (None, grad_h, grad_w, grad_b, grad_rh, grad_rw, grad_rb) + (None,) * 7
+
+
+def _add_head_grads(gz, h, w, blocked, grad_h, grad_w, grad_b, s, e):
+    """Add one block's ``G = dL/dz`` (``[rows, V]``) to ``dL/dh = G W``, ``dL/dW += G^T h``, ``dL/db += sum_rows G``.
+
+    ``gz`` None: this side needs no gradient. Rows ``s:e`` of ``grad_h`` are written, the others added to.
+    """
+    if gz is None or (grad_h is None and grad_w is None and grad_b is None):
+        return
+    if blocked is not None:  # d z / d(h, w, b) is 0 where z was overwritten by -inf
+        gz.index_fill_(-1, blocked, 0.0)
+    gz = gz.to(h.dtype)
+    if grad_h is not None:
+        torch.mm(gz, w, out=grad_h[s:e])
+    if grad_w is not None:
+        grad_w.addmm_(gz.t(), h)
+    if grad_b is not None:
+        grad_b.add_(gz.sum(dim=0))
 
 
 def _check_head(prefix: str, hidden, weight, bias):
@@ -302,7 +326,8 @@ def logprobs_from_hidden(
     else:
         step = _rows_per_block("logprob", h.shape[0], vocab, h.dtype, chunk_size)
         out, entropy = _FusedHead.apply(
-            "logprob", h, weight, bias, None, t, blocked, 1.0 / float(temperature), step, bool(with_entropy), True
+            "logprob", h, weight, bias, None, None, None, t, blocked, 1.0 / float(temperature), step,
+            bool(with_entropy), True, False,
         )
     _checks.finite("hidden/weight (log-probabilities computed from them)", out.detach())
     out = out.reshape(tokens.shape)
@@ -334,15 +359,24 @@ def kl_from_hidden(
     Args:
         hidden, weight, bias: the policy's last hidden states ``[..., H]``, head ``[V, H]``, bias ``[V]``.
         ref_hidden, ref_weight, ref_bias: the reference's (hidden size may
-            differ; vocabulary must match); treated as constants.
+            differ; vocabulary must match). They get gradients as autograd
+            asks for them (any that requires one); pass them detached, or
+            without ``requires_grad``, for a frozen reference, which then
+            costs nothing in the backward.
         direction: ``"reverse"`` or ``"forward"``.
         temperature: ``tau > 0`` applied to both.
         chunk_size: rows per block (see :func:`logprobs_from_hidden`).
         blocked: optional 1-D token ids masked to ``-inf`` in both distributions.
 
     Returns:
-        ``[...]`` fp32 (fp64 for fp64 input) KL. Gradients flow to the policy
-        side only (``hidden``, ``weight``, ``bias``).
+        ``[...]`` fp32 (fp64 for fp64 input) KL, differentiable with respect
+        to both sides: with :math:`G = \partial L / \partial z` of a side's
+        logits, :math:`\partial L/\partial h = G W`, :math:`\partial L/\partial W = G^\top h`,
+        :math:`\partial L/\partial b = \sum_{rows} G`, where for
+        :math:`KL(p \| q)` the first argument has :math:`G = s\,p\,(\log p - \log q - KL)`
+        and the second :math:`G = s\,(q - p)`, :math:`s = 1/\tau`. A weight passed as both
+        ``weight`` and ``ref_weight`` (one tensor) gets the sum of both sides
+        (the total derivative), accumulated in one buffer.
     """
     vocab, _ = _check_head("", hidden, weight, bias)
     ref_vocab, _ = _check_head("ref_", ref_hidden, ref_weight, ref_bias)
@@ -362,23 +396,26 @@ def kl_from_hidden(
     chunk_size = _checks.chunk_rows("chunk_size", chunk_size)
     blocked = _check_blocked(blocked, vocab, hidden.device)
     h = hidden.reshape(-1, hidden.shape[-1])
-    ref = (
-        ref_hidden.detach().reshape(-1, ref_hidden.shape[-1]),
-        ref_weight.detach(),
-        None if ref_bias is None else ref_bias.detach(),
+    rh = ref_hidden.reshape(-1, ref_hidden.shape[-1])
+    # One tensor on both sides (a reference sharing the policy's head): both sides' gradients go into
+    # one buffer (the Triton kernel: one fp32 accumulator, rounded once) instead of two summed by autograd.
+    shared = weight is ref_weight
+    ref_grad = torch.is_grad_enabled() and any(
+        x is not None and x.requires_grad for x in (ref_hidden, ref_weight, ref_bias)
     )
     t = torch.empty(0, dtype=torch.long, device=hidden.device)
+    inv_temp, policy_first = 1.0 / float(temperature), direction == "reverse"
     res = None
-    if _triton.wanted(h, weight) and ref[0].dtype == h.dtype and ref[1].dtype == h.dtype:
+    if _triton.wanted(h, weight) and rh.dtype == h.dtype and ref_weight.dtype == h.dtype:
         res = _triton.guarded(
-            _triton.head, "kl", h, weight, bias, ref, t, blocked, 1.0 / float(temperature), False, direction == "reverse"
+            _triton.head, "kl", h, weight, bias, (rh, ref_weight, ref_bias), t, blocked, inv_temp, False, policy_first
         )
     if res is not None:
         out = res[0]
     else:
-        step = _rows_per_block("kl", h.shape[0], vocab, h.dtype, chunk_size)
+        step = _rows_per_block("kl_ref_grad" if ref_grad else "kl", h.shape[0], vocab, h.dtype, chunk_size)
         out, _ = _FusedHead.apply(
-            "kl", h, weight, bias, ref, t, blocked, 1.0 / float(temperature), step, False, direction == "reverse"
+            "kl", h, weight, bias, rh, ref_weight, ref_bias, t, blocked, inv_temp, step, False, policy_first, shared
         )
     _checks.finite("hidden/ref_hidden (the KL computed from them)", out.detach())
     return out.reshape(hidden.shape[:-1])
