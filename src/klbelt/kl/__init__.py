@@ -1,6 +1,7 @@
 """Layer 1: the KL core. Pure tensor functions, no state."""
 
 from ._kernels import get_backend, set_backend
+from ._triton import set_head_backward
 from .aggregate import MODES, aggregate, aggregate_many
 from .estimators import ESTIMATORS, kl_per_token
 from .exact import DIRECTIONS, kl_from_logits
@@ -20,6 +21,7 @@ __all__ = [
     "importance_weights",
     "set_backend",
     "get_backend",
+    "set_head_backward",
     "ESTIMATORS",
     "MODES",
     "DIRECTIONS",
