@@ -31,7 +31,7 @@ def test_json_rows_have_the_issue_keys_logits_size_and_the_repeats_of_big_cells(
     for row in rows:
         assert KEYS <= row.keys(), KEYS - row.keys()
         assert row["logits_mb"] == 48 * 512 * 4 / 2**20
-        assert row["head_backward"] == "bounded"
+        assert row["head_backward"] == "bounded" and row["head_backward_used"] == "one-pass"  # fp32: no scratch
         assert row["repeats"] == 2  # 2 * 48 * 8 * 512 / 1e9 = 0.0004 GFLOP >= --big-gflop
         assert all(row[k] > 0 for k in ("fused_ms", "unfused_ms", "naive_ms", "matmul_ms", "read_ms"))
         matmuls = 1 if row["pass"] == "forward" else 3  # the floor: one matmul forward, three with the backward
@@ -43,3 +43,52 @@ def test_a_non_positive_repeat_count_is_refused_naming_the_option():
     proc = _bench("--repeats", "0")
     assert proc.returncode != 0
     assert "--repeats" in proc.stderr and "'0'" in proc.stderr
+
+
+def test_in_process_gives_the_rows_a_fresh_process_gives_without_memory():
+    # CUDA measures every configuration in one process (the allocator's peak is reset per call);
+    # the same path runs here on the CPU with --no-memory
+    proc = _bench("--rows", "40", "--hidden", "8", "--vocab", "300", "--dtypes", "float32,bfloat16",
+                  "--functions", "logprobs,kl", "--repeats", "2",
+                  "--in-process", "--no-memory", "--head-backward", "one-pass,bounded", "--json")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = json.loads(proc.stdout)
+    # per function and dtype: the forward once, the forward+backward in each mode (the second: fused only)
+    assert [(r["function"], r["dtype"], r["pass"], r["head_backward"]) for r in rows] == [
+        (f, d, p, m) for f in ("logprobs", "kl") for d in ("float32", "bfloat16")
+        for p, m in (("forward", "one-pass"), ("forward+backward", "one-pass"), ("forward+backward", "bounded"))]
+    for row in rows:
+        assert KEYS <= row.keys(), KEYS - row.keys()
+        assert row["fused_extra_peak_mb"] is None
+        timed = ("fused_ms", "matmul_ms", "read_ms") + (("unfused_ms", "naive_ms") if row["head_backward"] == "one-pass" else ())
+        assert all(row[k] > 0 for k in timed)
+        if row["head_backward"] == "bounded":
+            assert row["naive_ms"] is None and row["unfused_ms"] is None
+        # the mode asked runs on bf16 (fp32 backward has no scratch to bound: one pass)
+        assert row["head_backward_used"] == (row["head_backward"] if row["dtype"] == "bfloat16" else "one-pass")
+
+
+def test_in_process_on_a_cpu_with_memory_is_refused_naming_both_options():
+    proc = _bench("--rows", "8", "--hidden", "8", "--vocab", "64", "--in-process")
+    assert proc.returncode == 2
+    assert "--in-process" in proc.stderr and "--no-memory" in proc.stderr
+
+
+def test_another_librarys_head_that_fails_to_import_raises_its_error_when_called(monkeypatch):
+    from klbelt.bench.fused import other_heads
+
+    monkeypatch.setitem(sys.modules, "cut_cross_entropy", None)  # import fails with ImportError
+    heads = other_heads(with_liger=False, with_cce=True)
+    assert set(heads) == {"cce", "cce_exact"}
+    with pytest.raises(RuntimeError, match="cut_cross_entropy failed to import: ModuleNotFoundError"):
+        heads["cce_exact"](None, None, None)
+
+
+def test_fused_torch_times_the_fused_head_with_the_triton_kernels_off():
+    proc = _bench("--rows", "16", "--hidden", "8", "--vocab", "64", "--dtypes", "float32", "--functions", "logprobs",
+                  "--passes", "forward+backward", "--impls", "fused,fused_torch", "--repeats", "1",
+                  "--in-process", "--no-memory", "--json")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    (row,) = json.loads(proc.stdout)
+    assert row["fused_torch_ms"] > 0 and row["fused_ms"] > 0 and row["naive_ms"] is None
+    assert "fused with the torch kernels" in proc.stderr

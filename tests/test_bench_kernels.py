@@ -6,6 +6,9 @@ import contextlib
 import io
 import json
 import math
+import os
+import subprocess
+import sys
 
 import pytest
 
@@ -81,3 +84,21 @@ def test_every_row_carries_its_floor_measured_in_the_same_run(rows):
 def test_device_cuda_without_a_cuda_device_is_refused_by_name(capsys):
     assert main(["bench", "kernels", "--device", "cuda", "--rows", "4", "--vocab", "8", "--no-memory"]) == 2
     assert "--device cuda" in capsys.readouterr().err
+
+
+def test_where_klbelt_runs_triton_kernels_its_torch_kernels_are_a_baseline(tmp_path):
+    # CUDA in production; here Triton's interpreter on CPU tensors stands in for it
+    env = {**os.environ, "TRITON_INTERPRET": "1", "KLBELT_TRITON_CPU": "1"}
+    args = ["--rows", "8", "--vocab", "64", "--dtypes", "fp32", "--no-memory", "--repeats", "1", "--warmup", "0",
+            "--json", "--device", "cpu"]
+    proc = subprocess.run([sys.executable, "-m", "klbelt", "bench", "kernels", *args], capture_output=True, text=True,
+                          timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = json.loads(proc.stdout)
+    torch_rows = [(r["name"], r["pass"]) for r in rows if r["baseline"] == "klbelt, torch kernels"]
+    assert sorted(torch_rows) == sorted((n, p) for n in ("logprobs_from_logits", "kl_from_logits")
+                                        for p in ("forward", "forward+backward"))
+    assert all(r["triton"] for r in rows)
+    proc = subprocess.run([sys.executable, "-m", "klbelt", "bench", "kernels", *args], capture_output=True, text=True,
+                          timeout=300, env={**env, "KLBELT_TRITON_CPU": "0"})  # without Triton in play: no such row
+    assert proc.returncode == 0 and "klbelt, torch kernels" not in proc.stdout

@@ -475,3 +475,102 @@ def test_the_kernel_gpu_check_runs_on_cpu_in_the_interpreter_and_its_rows_pass(t
                       for d in ("float32", "bfloat16")}
     assert all(r["path"] == "triton" and r["ok"] for r in rows), rows
     assert "correctness against float64" in proc.stdout
+
+
+def test_the_kernel_check_measures_other_heads_against_the_same_float64_reference(interpreter):
+    # on a GPU these are Cut Cross-Entropy (per-token log-probs) and Liger (their sum); here stand-ins
+    from klbelt.bench.gpu_check_kernels import check_correctness, correctness_line
+
+    def per_token(h, w, t):
+        return torch.log_softmax((h @ w.T).float(), -1).gather(-1, t[:, None])[:, 0]
+
+    def broken(h, w, t):
+        raise RuntimeError("no backward for this dtype")
+
+    others = {"per_token": per_token, "summed": lambda h, w, t: per_token(h, w, t).sum().reshape(1), "broken": broken}
+    rows = check_correctness("cpu", 8, 50, [(40, 16, 100)], others=others)
+    got = {(r["check"].split()[0], r["dtype"]): r for r in rows if r["path"] == "other"}
+    assert set(got) == {(name, d) for name in others for d in ("float32", "bfloat16")}
+    assert all(r["ok"] is None for r in got.values())  # informational: never fails the check
+    for name in ("per_token", "summed"):
+        # fp32: each head matches float64 with its own output gradient (g per token, 1 for the sum): a
+        # summed head compared with the per-token reference would be off by O(1)
+        f32 = got[(name, "float32")]
+        assert f32["forward_error"] < 1e-5 and f32["gradient_rel_error"] < 1e-5, f32
+        # bf16 logits: the rounding shows in the forward, not hidden by the reference
+        assert got[(name, "bfloat16")]["forward_error"] > 10 * f32["forward_error"]
+        assert "info" in correctness_line(f32)
+    assert got[("summed", "float32")]["forward_error_kind"] == "sum abs / N"
+    assert "no backward for this dtype" in got[("broken", "bfloat16")]["error"]
+    assert "failed: RuntimeError" in correctness_line(got[("broken", "bfloat16")])
+
+
+def test_auto_head_backward_takes_one_pass_where_its_scratch_fits_the_budget_and_bounded_elsewhere():
+    budget = _triton.HEAD_BACKWARD_BUDGET_BYTES
+    assert budget + 12 * 16384 <= 16 * 10**6  # the whole extra peak within the issue's 16 MB
+    for n, k, v in ISSUE_SHAPES:  # 4 N H alone is over the budget at each
+        assert _triton.head_backward_mode(n, k, v, torch.bfloat16, mode="auto") == "bounded"
+        assert _triton.backward_scratch_bytes(n, k, v, torch.bfloat16, mode="auto") == \
+            _triton.backward_scratch_bytes(n, k, v, torch.bfloat16, mode="bounded")
+        assert _triton.head_backward_mode(n, k, v, torch.float32, mode="auto") == "one-pass"  # fp32: no scratch
+    assert _triton.head_backward_mode(512, 576, 49152, torch.bfloat16, mode="auto") == "one-pass"  # 1.1 + 8 MiB
+    peak = _triton.backward_scratch_bytes(512, 576, 49152, torch.bfloat16, mode="one-pass")["peak"]
+    assert peak <= budget
+    # the edge: the largest N whose one-pass scratch fits, and the next one
+    k, v = 576, 49152
+    fixed = _triton.backward_scratch_bytes(1, k, v, torch.bfloat16, mode="one-pass")["peak"] - 4 - 4 * k
+    edge = (budget - fixed) // (4 + 4 * k)
+    assert _triton.head_backward_mode(edge, k, v, torch.bfloat16) == "one-pass"
+    assert _triton.head_backward_mode(edge + 1, k, v, torch.bfloat16) == "bounded"
+    with pytest.raises(ValueError, match="mode must be one of"):
+        _triton.head_backward_mode(8, 8, 8, torch.bfloat16, mode="fast")
+
+
+@pytest.mark.parametrize("budget", [0, 1 << 30])
+def test_auto_head_backward_runs_the_mode_it_names(interpreter, budget, monkeypatch):
+    monkeypatch.setattr(_triton, "_head_blocks", _blocks_with(2))
+    monkeypatch.setattr(_triton, "_range_cols", lambda v, k, blocks: 32)
+    monkeypatch.setattr(_triton, "_dh_rows", lambda n, k, blocks: 16)
+    monkeypatch.setattr(_triton, "HEAD_BACKWARD_BUDGET_BYTES", budget)
+    assert _triton.set_head_backward("auto") == "auto"  # the default
+    launches = []
+    real = _triton._bwd_launch
+    monkeypatch.setattr(_triton, "_bwd_launch", lambda side, *a, **k: launches.append(a[:4]) or real(side, *a, **k))
+    h, w, b = (x.bfloat16() for x in _head(17))
+    t = torch.arange(HN) * 7 % HV
+    hg, wg = h.clone().requires_grad_(), w.clone().requires_grad_()
+    gh, gw = torch.autograd.grad(logprobs_from_hidden(hg, wg, t, bias=b), [hg, wg], torch.linspace(-1.0, 2.0, HN))
+    want_h, want_w = _bf16_head_grads_reference(h, w, b, t, torch.linspace(-1.0, 2.0, HN, dtype=torch.float64))
+    for got, want in ((gh, want_h), (gw, want_w)):
+        torch.testing.assert_close(got.double(), want, rtol=2**-8, atol=1e-3 * want.abs().max().item())
+    mode = _triton.head_backward_mode(HN, HK, HV, torch.bfloat16, bias=False)
+    assert mode == ("bounded" if budget == 0 else "one-pass")
+    first_pass = [(0, 16, 0, HV), (16, 32, 0, HV), (32, HN, 0, HV)] if mode == "bounded" else []
+    assert launches == first_pass + [(0, HN, 0, 32), (0, HN, 32, 64), (0, HN, 64, HV)]
+
+
+def test_set_triton_off_sends_the_tensors_to_the_torch_kernels_with_the_same_results(interpreter):
+    h, w, b = _head(21)
+    t = torch.arange(HN) % HV
+    on = logprobs_from_hidden(h, w, t, bias=b)
+    assert interpreter == ["head"]
+    interpreter.clear()
+    old = _triton.set_triton(False)
+    try:
+        assert old is True and not _triton.wanted(h, w)
+        off = logprobs_from_hidden(h, w, t, bias=b)
+        assert interpreter == []  # no Triton launch
+    finally:
+        _triton.set_triton(old)
+    torch.testing.assert_close(on, off, rtol=1e-5, atol=1e-5)
+    with pytest.raises(TypeError, match="on must be a bool"):
+        _triton.set_triton("no")
+
+
+def test_klbelt_triton_0_in_the_environment_starts_a_process_with_the_triton_kernels_off():
+    code = ("import torch; from klbelt.kl import _triton; _triton.set_cpu_interpreter(True); "
+            "print(_triton.wanted(torch.ones(2, 3)))")
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    outs = [subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                           env={**env, "KLBELT_TRITON": flag}).stdout.strip() for flag in ("1", "0")]
+    assert outs == ["True", "False"]

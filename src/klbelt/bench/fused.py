@@ -1,11 +1,13 @@
 """``klbelt bench fused``: log-probs and exact KL from hidden states, with and without the logits.
 
-Three implementations per function, timed and memory-measured on the same inputs
+Three implementations per function (four on CUDA), timed and memory-measured on the same inputs
 (``hidden [N, H]``, LM-head ``weight [V, H]``):
 
 * ``naive``: ``z = hidden @ weight.T``, ``log_softmax(z.float())``, gather (or the KL from two log-softmaxes);
 * ``unfused``: the same matmul, then klbelt's logits kernel (``logprobs_from_logits`` / ``kl_from_logits``);
-* ``fused``: ``logprobs_from_hidden`` / ``kl_from_hidden`` (no ``[N, V]`` tensor).
+* ``fused``: ``logprobs_from_hidden`` / ``kl_from_hidden`` (no ``[N, V]`` tensor);
+* ``fused_torch`` (CUDA, where ``fused`` runs klbelt's Triton kernels): the same
+  with them off (``klbelt.kl.set_triton(False)``), the torch kernels' blocked head.
 
 On a CUDA device, for the log-probs, the other fused heads are timed when
 installed: Liger-Kernel's fused linear cross-entropy (``-logprob`` summed; its
@@ -22,12 +24,16 @@ and ``fused_ms / (3 * matmul_ms)`` for forward+backward. The backward gets a
 fixed random per-token output gradient (as a loss weighted per token would).
 Extra peak memory is defined as in ``klbelt bench kernels`` (``_memory``: peak
 resident memory of one call minus what it returns, in a fresh process per
-configuration; on CUDA the allocator's peak), and taken on the first timed call.
-``logits_mb`` is the size of the fp32 ``[N, V]`` logits, the yardstick of the
-targets (extra peak <= 1/8 of it). ``--head-backward bounded`` runs the Triton
-head's bf16/fp16 backward in two passes (``klbelt.kl._triton.set_head_backward``:
-scratch bounded by ~8 MB instead of ``4 N H`` bytes, one more recompute of the
-logits); every row says which (``head_backward``).
+configuration; on CUDA the allocator's peak, reset per call, so there every
+configuration runs in this process unless ``--no-in-process``), and taken on the
+first timed call. ``logits_mb`` is the size of the fp32 ``[N, V]`` logits, the
+yardstick of the targets (extra peak <= 1/8 of it). ``--head-backward bounded``
+runs the Triton head's bf16/fp16 backward in two passes
+(``klbelt.kl._triton.set_head_backward``: scratch bounded by ~8 MB instead of
+``4 N H`` bytes, one more recompute of the logits); ``auto`` (the default, the
+library's) is one-pass where its scratch fits 12 MiB; ``one-pass,bounded`` times
+both, the second on the fused head's forward+backward only; every row says which
+was asked (``head_backward``) and which ran (``head_backward_used``).
 
 Each implementation is called once at full size to warm up (compilation,
 thread pools, autotuning), then timed ``--repeats`` times (median reported;
@@ -44,6 +50,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import itertools
 import json
 import os
 import statistics
@@ -93,8 +100,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="functions to measure (default logprobs,kl)")
     parser.add_argument("--passes", type=_names(("forward", "forward+backward")), default=["forward", "forward+backward"],
                         help="passes (default forward,forward+backward)")
-    parser.add_argument("--impls", type=_names(("naive", "unfused", "fused")), default=["naive", "unfused", "fused"],
-                        help="implementations to measure (default naive,unfused,fused); a missing one reports null")
+    parser.add_argument("--impls", type=_names(IMPLS), default=None,
+                        help="implementations to measure (default naive,unfused,fused, and fused_torch on CUDA: the "
+                             "fused head with klbelt's Triton kernels off); a missing one reports null")
     parser.add_argument("--quick", action="store_true",
                         help="one small configuration: N=1024, H=576, V=49152, float32 (about a minute on 2 CPU cores)")
     parser.add_argument("--repeats", type=_ints1, default=None,
@@ -104,10 +112,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--big-gflop", type=float, default=1000.0,
                         help="CPU only: matmul size (2 N H V / 1e9) from which --big-repeats and the "
                              f"{WARMUP_ROWS}-row warm-up apply (default 1000)")
-    parser.add_argument("--head-backward", choices=("one-pass", "bounded"), default="one-pass",
-                        help="the Triton head's bf16/fp16 backward (CUDA): one recompute of the logits and an fp32 "
-                             "[N, H] accumulator, or two recomputes and at most ~8 MB of scratch (default one-pass)")
+    parser.add_argument("--head-backward", type=_names(("auto", "one-pass", "bounded")), default=["auto"],
+                        help="the Triton head's bf16/fp16 backward (CUDA), comma-separated to time several: one "
+                             "recompute of the logits and an fp32 [N, H] accumulator, two recomputes and at most "
+                             "~8 MB of scratch, or auto (the library's default: one-pass where its scratch fits "
+                             "12 MiB); modes after the first time the fused head's forward+backward only "
+                             "(default auto)")
     parser.add_argument("--no-memory", action="store_true", help="skip the extra-peak-memory measurement")
+    parser.add_argument("--in-process", action=argparse.BooleanOptionalAction, default=None,
+                        help="measure every configuration in this process (default on CUDA, where the allocator's "
+                             "peak is reset per call; on a CPU the resident peak needs a fresh process per "
+                             "configuration, so there it needs --no-memory)")
     parser.add_argument("--device", default="cuda" if _cuda() else "cpu", help="cpu or cuda (default: cuda when available)")
     parser.add_argument("--json", action="store_true", help="print the table as JSON (a list of rows)")
     parser.add_argument("--child", help=argparse.SUPPRESS)
@@ -121,6 +136,58 @@ def _cuda() -> bool:
         return False
 
 
+def other_heads(with_liger: bool, with_cce: bool) -> dict:
+    """The other fused LM heads for log-probs: ``name -> fn(hidden, weight, tokens)``.
+
+    ``liger``: Liger-Kernel's fused linear cross-entropy, summed (``[1]``, minus the summed
+    log-probs: its backward takes a scalar gradient only); ``cce`` / ``cce_exact``: Cut
+    Cross-Entropy per token (``[N]`` log-probs), in its default mode (gradient entries below
+    bf16 resolution skipped) and with ``filter_eps=None``. Each needs its package and a CUDA device.
+    A package that fails to import gives heads that raise its error when called (reported, not fatal).
+    """
+    heads = {}
+    if with_liger:
+        try:
+            from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
+
+            loss = LigerFusedLinearCrossEntropyLoss(reduction="sum")
+            heads["liger"] = lambda h, w, t: -loss(w, h, t).reshape(1)
+        except Exception as exc:
+            heads["liger"] = _unavailable("liger_kernel", exc)
+    if with_cce:
+        try:
+            from cut_cross_entropy import linear_cross_entropy
+
+            heads["cce"] = lambda h, w, t: -linear_cross_entropy(h, w, t, reduction="none")
+            heads["cce_exact"] = lambda h, w, t: -linear_cross_entropy(h, w, t, reduction="none", filter_eps=None)
+        except Exception as exc:
+            heads["cce"] = heads["cce_exact"] = _unavailable("cut_cross_entropy", exc)
+    return heads
+
+
+def _unavailable(package: str, exc: Exception):
+    def head(h, w, t):
+        raise RuntimeError(f"{package} failed to import: {type(exc).__name__}: {exc}")
+    return head
+
+
+IMPLS = ("naive", "unfused", "fused", "fused_torch")
+
+
+def _torch_path(fn):
+    """``fn`` with klbelt's Triton kernels off: the torch kernels' fused head (the autograd function is
+    chosen in the forward, so its backward follows)."""
+    from klbelt.kl import set_triton
+
+    def call(*args):
+        old = set_triton(False)
+        try:
+            return fn(*args)
+        finally:
+            set_triton(old)
+    return call
+
+
 def _impls(function: str, torch, with_liger: bool, with_cce: bool = False):
     from klbelt.kl import kl_from_hidden, kl_from_logits, logprobs_from_hidden, logprobs_from_logits
 
@@ -130,16 +197,9 @@ def _impls(function: str, torch, with_liger: bool, with_cce: bool = False):
             "unfused": lambda h, w, t, rh, rw: logprobs_from_logits(h @ w.T, t),
             "fused": lambda h, w, t, rh, rw: logprobs_from_hidden(h, w, t),
         }
-        if with_liger:
-            from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
-
-            loss = LigerFusedLinearCrossEntropyLoss(reduction="sum")
-            impls["liger"] = lambda h, w, t, rh, rw: -loss(w, h, t).reshape(1)
-        if with_cce:
-            from cut_cross_entropy import linear_cross_entropy
-
-            impls["cce"] = lambda h, w, t, rh, rw: -linear_cross_entropy(h, w, t, reduction="none")
-            impls["cce_exact"] = lambda h, w, t, rh, rw: -linear_cross_entropy(h, w, t, reduction="none", filter_eps=None)
+        impls["fused_torch"] = _torch_path(impls["fused"])
+        for name, head in other_heads(with_liger, with_cce).items():
+            impls[name] = lambda h, w, t, rh, rw, head=head: head(h, w, t)
         return impls
 
     def naive_kl(h, w, t, rh, rw):
@@ -147,11 +207,13 @@ def _impls(function: str, torch, with_liger: bool, with_cce: bool = False):
         logq = torch.log_softmax((rh @ rw.T).float(), -1)
         return (logp.exp() * (logp - logq)).sum(-1)
 
-    return {
+    impls = {
         "naive": naive_kl,
         "unfused": lambda h, w, t, rh, rw: kl_from_logits(h @ w.T, rh @ rw.T),
         "fused": lambda h, w, t, rh, rw: kl_from_hidden(h, w, rh, rw),
     }
+    impls["fused_torch"] = _torch_path(impls["fused"])
+    return impls
 
 
 def _child(spec: dict) -> dict:
@@ -162,7 +224,7 @@ def _child(spec: dict) -> dict:
 
     from . import _memory
 
-    _triton.set_head_backward(spec.get("head_backward", "one-pass"))
+    _triton.set_head_backward(spec.get("head_backward", "auto"))
     torch.manual_seed(0)
     n, hsize, v, device = spec["rows"], spec["hidden"], spec["vocab"], spec["device"]
     dtype = getattr(torch, spec["dtype"])
@@ -180,7 +242,7 @@ def _child(spec: dict) -> dict:
     rss_peak = not cuda and spec["memory"] and _memory.peak_is_resettable()
     warm = min(n, WARMUP_ROWS) if spec.get("big") else n
     for name, fn in _impls(spec["function"], torch, with_liger, with_cce).items():
-        if name in ("naive", "unfused", "fused") and name not in spec["impls"]:
+        if name in IMPLS and name not in spec["impls"]:
             continue
         def call(rows=n, fn=fn):
             hs, ts, rhs = (h, t, rh) if rows == n else (h[:rows], t[:rows], rh[:rows])
@@ -190,7 +252,14 @@ def _child(spec: dict) -> dict:
                 return (res.detach(), *torch.autograd.grad(res, [h, w], weight))
             return (res,)
 
-        call(warm)  # warm-up: compilation (dynamic shapes), thread pools, lazily loaded code
+        if name not in IMPLS:  # another library's head: its failure is reported, not fatal
+            try:
+                call(warm)
+            except Exception as exc:
+                out[name], out[f"{name}_error"] = (None, None), f"{type(exc).__name__}: {exc}"[:300]
+                continue
+        else:
+            call(warm)  # warm-up: compilation (dynamic shapes), thread pools, lazily loaded code
         times, peak = [], None
         for i in range(spec["repeats"]):
             measure = i == 0 and spec["memory"]
@@ -212,6 +281,8 @@ def _child(spec: dict) -> dict:
             del res
         out[name] = (statistics.median(times), None if peak is None else peak / 2**20)
     out.update(_floors(h.detach(), w.detach(), spec["repeats"], cuda, torch))
+    # the backward the Triton head runs here (the reference is frozen: its side needs no gradient)
+    out["head_backward_used"] = _triton.head_backward_mode(n, hsize, v, dtype, need_w=backward)
     return out
 
 
@@ -234,11 +305,11 @@ def _floors(h, w, repeats: int, cuda: bool, torch) -> dict:
     with torch.no_grad():
         z = h @ w.T
         res = {}
-        for name, fn in (("matmul", lambda: h @ w.T), ("read", lambda: z.amax(-1))):
+        for name, fn in (("matmul", lambda: h @ w.T), ("read", lambda z=z: z.amax(-1))):
             fn()
             res[name] = (statistics.median(_timed_ms(fn, cuda, torch) for _ in range(repeats)), None)
             _timed_ms.result = None
-        del z
+        del z, fn  # the read's lambda holds the logits too
     return res
 
 
@@ -257,54 +328,93 @@ def run(args) -> int:
     cuda = args.device.startswith("cuda")
     if args.repeats is None:
         args.repeats = 10 if cuda else 3
+    if args.in_process is None:
+        args.in_process = cuda
+    if args.impls is None:  # on a CPU the fused head is the torch path already
+        args.impls = list(IMPLS) if cuda else ["naive", "unfused", "fused"]
+    if args.in_process and not cuda and not args.no_memory:
+        print("klbelt bench fused: --in-process on a CPU needs --no-memory (the resident peak of one configuration "
+              "is measured in a fresh process)", file=sys.stderr)
+        return 2
     liger, cce = cuda and _installed("liger_kernel"), cuda and _installed("cut_cross_entropy")
     if not args.json:
         for what, on, package in (("liger_kernel", liger, "liger-kernel"), ("cut_cross_entropy", cce, "cut-cross-entropy")):
             print(f"{what}: " + ("timed" if on else f"not timed (needs a CUDA device and the {package} package)"),
                   file=sys.stderr)
-    rows, none = [], (None, None)
+    rows = []
     env = {**os.environ, **__import__("klbelt.bench._memory", fromlist=["CHILD_ENV"]).CHILD_ENV}
-    for function in args.functions:
-        for n in args.rows:
-            for hsize in args.hidden:
-                for v in args.vocab:
-                    for dtype in args.dtypes:
-                        for pass_ in args.passes:
-                            spec = {"function": function, "pass": pass_, "rows": n, "hidden": hsize, "vocab": v,
-                                    "dtype": dtype, "device": args.device,
-                                    "big": not cuda and 2 * n * hsize * v / 1e9 >= args.big_gflop,
-                                    "memory": not args.no_memory, "liger": liger and function == "logprobs",
-                                    "cce": cce and function == "logprobs",
-                                    "impls": args.impls, "head_backward": args.head_backward}
-                            spec["repeats"] = args.big_repeats if spec["big"] else args.repeats
-                            proc = subprocess.run(
-                                [sys.executable, "-m", "klbelt", "bench", "fused", "--child", json.dumps(spec)],
-                                capture_output=True, text=True, env=env,
-                            )
-                            if proc.returncode != 0:
-                                print(f"klbelt bench fused: {spec} failed:\n{proc.stderr[-2000:]}", file=sys.stderr)
-                                return 1
-                            res = json.loads(proc.stdout.strip().splitlines()[-1])
-                            row = {
-                                "function": function, "pass": pass_, "rows": n, "hidden": hsize, "vocab": v,
-                                "dtype": dtype, "device": args.device, "head_backward": args.head_backward,
-                                "fused_ms": res.get("fused", none)[0], "unfused_ms": res.get("unfused", none)[0],
-                                "naive_ms": res.get("naive", none)[0], "fused_extra_peak_mb": res.get("fused", none)[1],
-                                "unfused_extra_peak_mb": res.get("unfused", none)[1],
-                                "naive_extra_peak_mb": res.get("naive", none)[1], "logits_mb": n * v * 4 / 2**20,
-                                "repeats": spec["repeats"], "matmul_ms": res["matmul"][0], "read_ms": res["read"][0],
-                            }
-                            matmuls = 1 if pass_ == "forward" else 3
-                            row["fused_over_matmul"] = (None if row["fused_ms"] is None
-                                                        else row["fused_ms"] / (matmuls * row["matmul_ms"]))
-                            for other in ("liger", "cce", "cce_exact"):
-                                if other in res:
-                                    row[f"{other}_ms"], row[f"{other}_extra_peak_mb"] = res[other]
-                            rows.append(row)
-                            _print_row(row, sys.stderr if args.json else sys.stdout)
+    grid = itertools.product(args.functions, args.rows, args.hidden, args.vocab, args.dtypes, args.passes)
+    for function, n, hsize, v, dtype, pass_ in grid:
+        # the backward mode changes the forward+backward of the fused head only: later modes time just that
+        modes = args.head_backward if pass_ != "forward" else args.head_backward[:1]
+        for i, mode in enumerate(modes):
+            impls = args.impls if i == 0 else [x for x in args.impls if x == "fused"]
+            if not impls:
+                continue
+            spec = {"function": function, "pass": pass_, "rows": n, "hidden": hsize, "vocab": v,
+                    "dtype": dtype, "device": args.device,
+                    "big": not cuda and 2 * n * hsize * v / 1e9 >= args.big_gflop,
+                    "memory": not args.no_memory, "liger": liger and function == "logprobs" and i == 0,
+                    "cce": cce and function == "logprobs" and i == 0, "impls": impls, "head_backward": mode}
+            spec["repeats"] = args.big_repeats if spec["big"] else args.repeats
+            res = _measure(spec, args.in_process, env)
+            if res is None:
+                return 1
+            rows.append(_row(spec, res))
+            _print_row(rows[-1], sys.stderr if args.json else sys.stdout)
     if args.json:
         print(json.dumps(rows, indent=1))
     return 0
+
+
+def _row(spec: dict, res: dict) -> dict:
+    """The JSON row of one configuration from ``_child``'s ``name -> (ms, extra peak MB)``."""
+    none = (None, None)
+    n, v = spec["rows"], spec["vocab"]
+    row = {key: spec[key] for key in ("function", "pass", "rows", "hidden", "vocab", "dtype", "device", "head_backward")}
+    row.update({
+        "fused_ms": res.get("fused", none)[0], "unfused_ms": res.get("unfused", none)[0],
+        "naive_ms": res.get("naive", none)[0], "fused_extra_peak_mb": res.get("fused", none)[1],
+        "unfused_extra_peak_mb": res.get("unfused", none)[1],
+        "naive_extra_peak_mb": res.get("naive", none)[1], "logits_mb": n * v * 4 / 2**20,
+        "fused_torch_ms": res.get("fused_torch", none)[0], "fused_torch_extra_peak_mb": res.get("fused_torch", none)[1],
+        "repeats": spec["repeats"], "matmul_ms": res["matmul"][0], "read_ms": res["read"][0],
+        "head_backward_used": res.get("head_backward_used"),
+    })
+    matmuls = 1 if spec["pass"] == "forward" else 3
+    row["fused_over_matmul"] = None if row["fused_ms"] is None else row["fused_ms"] / (matmuls * row["matmul_ms"])
+    for other in ("liger", "cce", "cce_exact"):
+        if other in res:
+            row[f"{other}_ms"], row[f"{other}_extra_peak_mb"] = res[other]
+        if f"{other}_error" in res:
+            row[f"{other}_error"] = res[f"{other}_error"]
+    return row
+
+
+def _measure(spec: dict, in_process: bool, env: dict) -> dict | None:
+    """``_child(spec)``, here or in a fresh process; None (the error printed) when it fails."""
+    if in_process:
+        from klbelt.kl import _triton
+
+        mode = _triton.set_head_backward(spec["head_backward"])
+        try:
+            return _child(spec)
+        except Exception as exc:
+            print(f"klbelt bench fused: {spec} failed: {type(exc).__name__}: {exc}", file=sys.stderr)
+            return None
+        finally:
+            _triton.set_head_backward(mode)
+            gc.collect()
+            if spec["device"].startswith("cuda"):
+                import torch
+
+                torch.cuda.empty_cache()
+    proc = subprocess.run([sys.executable, "-m", "klbelt", "bench", "fused", "--child", json.dumps(spec)],
+                          capture_output=True, text=True, env=env)
+    if proc.returncode != 0:
+        print(f"klbelt bench fused: {spec} failed:\n{proc.stderr[-2000:]}", file=sys.stderr)
+        return None
+    return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
 def _print_row(row: dict, file) -> None:
@@ -325,8 +435,12 @@ def _print_row(row: dict, file) -> None:
         f"; floors: matmul {ms(row['matmul_ms'])} ms (fused/{'' if row['pass'] == 'forward' else '3x '}matmul "
         f"{'n/a' if row['fused_over_matmul'] is None else format(row['fused_over_matmul'], '.2f')}x), "
         f"read of the logits {ms(row['read_ms'])} ms"
+        + (f"; fused with the torch kernels {ms(row['fused_torch_ms'])} ms / {mb(row['fused_torch_extra_peak_mb'])} MB"
+           if row.get("fused_torch_ms") is not None else "")
         + "".join(f"; {o} {ms(row[o + '_ms'])} ms / {mb(row[o + '_extra_peak_mb'])} MB"
+                  + (f" (failed: {row[o + '_error']})" if o + "_error" in row else "")
                   for o in ("liger", "cce", "cce_exact") if o + "_ms" in row)
-        + f" (median of {row['repeats']})",
+        + f" (median of {row['repeats']}; head backward {row['head_backward']}"
+        + ("" if row["head_backward_used"] in (None, row["head_backward"]) else f": {row['head_backward_used']}") + ")",
         file=file, flush=True,
     )

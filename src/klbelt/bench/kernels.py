@@ -7,7 +7,9 @@ forward+backward pass, it times
   and TRL's ``trl.trainer.utils.selective_log_softmax`` (left out without trl);
 * ``kl_from_logits`` (reverse KL, policy || ref) against
   ``(p * (logp - logq)).sum(-1)`` on fp32 log-softmaxes and against
-  ``F.kl_div(logq, logp, reduction="none", log_target=True).sum(-1)``.
+  ``F.kl_div(logq, logp, reduction="none", log_target=True).sum(-1)``;
+* where klbelt runs its Triton kernels (CUDA), each also against itself with
+  them off (``klbelt, torch kernels``: the path it falls back to).
 
 Timing: one process; every implementation is called once at full size
 (that call compiles, its time is reported as the compile warm-up) and
@@ -101,12 +103,25 @@ def _dtypes(text: str) -> list[str]:
 # Each takes (logits, ref_logits, tokens) -> [N] tensor.
 
 
-def groups() -> list[dict]:
-    """The benchmark's rows: for each klbelt function, its implementation and baselines (name -> fn)."""
+def groups(torch_path: bool = False) -> list[dict]:
+    """The benchmark's rows: for each klbelt function, its implementation and baselines (name -> fn).
+
+    ``torch_path`` (CUDA, where klbelt runs Triton kernels): one more baseline per function, klbelt
+    with the Triton kernels off (``klbelt.kl.set_triton(False)``): the torch kernels it falls back to.
+    """
     import torch
     import torch.nn.functional as F
 
-    from klbelt.kl import kl_from_logits, logprobs_from_logits
+    from klbelt.kl import kl_from_logits, logprobs_from_logits, set_triton
+
+    def without_triton(fn):
+        def call(x, y, t):
+            old = set_triton(False)
+            try:
+                return fn(x, y, t)
+            finally:
+                set_triton(old)
+        return call
 
     def naive_logprobs(x, y, t):
         return torch.log_softmax(x.float(), dim=-1).gather(-1, t.unsqueeze(-1)).squeeze(-1)
@@ -128,7 +143,7 @@ def groups() -> list[dict]:
         pass
     else:
         logprob_baselines["trl selective_log_softmax"] = lambda x, y, t: selective_log_softmax(x, t)
-    return [
+    rows = [
         {
             "name": "logprobs_from_logits",
             "fn": lambda x, y, t: logprobs_from_logits(x, t),
@@ -140,6 +155,10 @@ def groups() -> list[dict]:
             "baselines": {"naive (p*(logp-logq)).sum(-1)": naive_kl, "F.kl_div(log_target=True)": kl_div},
         },
     ]
+    if torch_path:
+        for row in rows:
+            row["baselines"]["klbelt, torch kernels"] = without_triton(row["fn"])
+    return rows
 
 
 def make_inputs(rows: int, vocab: int, dtype_name: str, seed: int, device: str = "cpu"):
@@ -269,7 +288,7 @@ def measure_memory(spec: dict) -> dict:
             for name, fn in impls.items():
                 for pass_ in PASSES:
                     key = f"{name}|{dtype_name}|{pass_}"
-                    results[key] = _memory.extra_peak_bytes(lambda: call(fn, inputs, pass_))
+                    results[key] = _memory.extra_peak_bytes(lambda fn=fn, x=inputs, p=pass_: call(fn, x, p))
         del inputs
         gc.collect()
     gc.unfreeze()
@@ -332,7 +351,7 @@ def _run_timings(args, torch, _kernels):
         inputs = make_inputs(args.rows, args.vocab, dtype_name, args.seed, args.device)
         triton = _triton.wanted(inputs[0])
         logits_mb = inputs[0].numel() * inputs[0].element_size() / 2**20
-        for group in groups():
+        for group in groups(torch_path=triton):
             impls = {group["name"]: group["fn"], **group["baselines"]}
             for pass_ in PASSES:
                 medians, first = time_group(impls, inputs, pass_, args.repeats, args.warmup)

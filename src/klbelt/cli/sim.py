@@ -63,7 +63,7 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> int:
-    from ..control import AdaptiveKLController, PIDKLController
+    from ..control import AdaptiveKLController
     from ..sim import compare, testbed
 
     ref = list(compare.DEFAULT_REF) if args.ref is None else args.ref

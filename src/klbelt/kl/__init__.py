@@ -1,7 +1,7 @@
 """Layer 1: the KL core. Pure tensor functions, no state."""
 
 from ._kernels import get_backend, set_backend
-from ._triton import set_head_backward
+from ._triton import head_backward_mode, set_head_backward, set_triton
 from .aggregate import MODES, aggregate, aggregate_many
 from .estimators import ESTIMATORS, kl_per_token
 from .exact import DIRECTIONS, kl_from_logits
@@ -22,6 +22,8 @@ __all__ = [
     "set_backend",
     "get_backend",
     "set_head_backward",
+    "head_backward_mode",
+    "set_triton",
     "ESTIMATORS",
     "MODES",
     "DIRECTIONS",

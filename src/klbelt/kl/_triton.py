@@ -78,7 +78,22 @@ def _warn_once(reason: str) -> None:
 
 
 _force_cpu = os.environ.get("KLBELT_TRITON_CPU", "0") == "1"
+_enabled = os.environ.get("KLBELT_TRITON", "1") != "0"
 _failure: str | None = None  # why a Triton kernel failed in this process; it is not tried again
+
+
+def set_triton(on: bool) -> bool:
+    """Let the Triton kernels serve CUDA tensors (the default), or not: the torch kernels then do,
+    with the same results (to rounding) and no warning. Returns the old setting.
+
+    ``KLBELT_TRITON=0`` in the environment starts a process with them off. For comparing the two
+    paths on one GPU (``klbelt bench fused`` times both) or leaving a kernel that is slow there.
+    """
+    global _enabled
+    if not isinstance(on, bool):
+        raise TypeError(f"on must be a bool, got {type(on).__name__}")
+    old, _enabled = _enabled, on
+    return old
 
 
 def failure() -> str | None:
@@ -116,13 +131,14 @@ def wanted(*tensors: torch.Tensor) -> bool:
     """Whether the Triton kernels serve these tensors.
 
     CUDA tensors of fp32/bf16/fp16 when a usable Triton is installed (else one
-    warning naming the reason, then the torch kernels); CPU tensors only in
+    warning naming the reason, then the torch kernels) and :func:`set_triton` has
+    not turned them off; CPU tensors only in
     Triton's interpreter (``TRITON_INTERPRET=1`` before Triton is imported) and
     when asked for (:func:`set_cpu_interpreter` or ``KLBELT_TRITON_CPU=1``).
     fp64 always takes the torch kernels (fp64 out).
     """
     x = tensors[0]
-    if any(t.dtype not in (torch.float32, torch.bfloat16, torch.float16) for t in tensors):
+    if not _enabled or any(t.dtype not in (torch.float32, torch.bfloat16, torch.float16) for t in tensors):
         return False
     if x.device.type == "cuda":
         if _failure is not None:
@@ -388,23 +404,46 @@ class _Side:
 # with a frozen reference): one-pass 4 (6), bounded 5 (8); three matmuls is the unfused floor.
 DW_RANGE_BYTES = 8 << 20  # the fp32 accumulator of the weight gradient (bf16/fp16 weights), per launch
 DH_CHUNK_BYTES = 8 << 20  # "bounded": the fp32 accumulator of the hidden states' gradient, per row chunk
-HEAD_BACKWARD_MODES = ("one-pass", "bounded")
-_head_backward_mode = "one-pass"
+# "auto": one-pass where its scratch stays within this, else bounded: the call's whole extra peak (this,
+# plus 12 bytes a row kept from the forward) then stays within the kernel issue's 16 MB target
+HEAD_BACKWARD_BUDGET_BYTES = 12 << 20
+HEAD_BACKWARD_MODES = ("auto", "one-pass", "bounded")
+_head_backward_mode = "auto"
 
 
 def set_head_backward(mode: str) -> str:
     """How the fused head's backward accumulates bf16/fp16 gradients; returns the old mode.
 
-    ``"one-pass"`` (default): one recompute of the logits, fp32 scratch ``4 N H`` bytes for
-    ``dL/dhidden`` plus ``DW_RANGE_BYTES``. ``"bounded"``: two recomputes (one more matmul of the
-    head, two for the KL), fp32 scratch at most ``max(DH_CHUNK_BYTES, DW_RANGE_BYTES)``. Both are
-    exact (fp32 accumulation, no filtering). :func:`backward_scratch_bytes` gives the sizes.
+    ``"one-pass"``: one recompute of the logits, fp32 scratch ``4 N H`` bytes for ``dL/dhidden``
+    plus ``DW_RANGE_BYTES``. ``"bounded"``: two recomputes (one more matmul of the head, two for
+    the KL), fp32 scratch at most ``max(DH_CHUNK_BYTES, DW_RANGE_BYTES)``. ``"auto"`` (default):
+    one-pass where its scratch fits ``HEAD_BACKWARD_BUDGET_BYTES`` (12 MiB), bounded elsewhere, so
+    the extra memory stays within 16 MB at every size; ask for one-pass to trade ``4 N H`` bytes
+    for a matmul. All are exact (fp32 accumulation, no filtering). :func:`backward_scratch_bytes`
+    gives the sizes, :func:`head_backward_mode` the mode a problem gets.
     """
     global _head_backward_mode
     if mode not in HEAD_BACKWARD_MODES:
         raise ValueError(f"mode must be one of {HEAD_BACKWARD_MODES}, got {mode!r}")
     old, _head_backward_mode = _head_backward_mode, mode
     return old
+
+
+def head_backward_mode(n: int, k: int, v: int, dtype: torch.dtype, *, mode: str | None = None, need_w: bool = True,
+                       bias: bool = False, ref_k: int | None = None, blocks: dict | None = None) -> str:
+    """The backward ``"one-pass"`` or ``"bounded"`` that ``mode`` (default: :func:`set_head_backward`'s)
+    gives a problem (arguments as :func:`backward_scratch_bytes`). fp32 inputs: always one-pass (the
+    gradients returned are the accumulators; no scratch to bound)."""
+    mode = mode or _head_backward_mode
+    if mode not in HEAD_BACKWARD_MODES:
+        raise ValueError(f"mode must be one of {HEAD_BACKWARD_MODES}, got {mode!r}")
+    if dtype == torch.float32:
+        return "one-pass"
+    if mode != "auto":
+        return mode
+    one_pass = backward_scratch_bytes(n, k, v, dtype, mode="one-pass", need_w=need_w, bias=bias, ref_k=ref_k,
+                                      blocks=blocks)
+    return "one-pass" if one_pass["peak"] <= HEAD_BACKWARD_BUDGET_BYTES else "bounded"
 
 
 def _range_cols(v: int, k: int, blocks: dict | None) -> int:
@@ -441,10 +480,9 @@ def backward_scratch_bytes(n: int, k: int, v: int, dtype: torch.dtype, *, mode: 
       pass, freed), then ``dw`` as above (second pass).
 
     ``peak`` is the most alive at once (the forward's ``[6, n_split, N]`` partials are freed before).
+    ``mode`` "auto" (or None under the default) is the mode :func:`head_backward_mode` picks.
     """
-    mode = mode or _head_backward_mode
-    if mode not in HEAD_BACKWARD_MODES:
-        raise ValueError(f"mode must be one of {HEAD_BACKWARD_MODES}, got {mode!r}")
+    mode = head_backward_mode(n, k, v, dtype, mode=mode, need_w=need_w, bias=bias, ref_k=ref_k, blocks=blocks)
     ks = [k] if ref_k is None else [k, ref_k]
     sides = len(ks)
     out = {"g": 4 * n}
@@ -472,7 +510,10 @@ def _head_backward(sides, t, mask, rows, g, kind, inv_temp, blocks, shared_weigh
     h0, w0 = sides[0].own[0], sides[0].own[1]
     n, v = h0.shape[0], w0.shape[0]
     half = h0.dtype != torch.float32
-    bounded = half and _head_backward_mode == "bounded"
+    ks = [side.own[0].shape[1] for side in sides]
+    bounded = half and head_backward_mode(
+        n, ks[0], v, h0.dtype, need_w=any(s.need[1] for s in sides), bias=any(s.need[2] for s in sides),
+        ref_k=ks[1] if len(sides) == 2 else None, blocks=blocks) == "bounded"
     g = _scratch(n, h0).copy_(g)
     new = torch.empty_like if half else torch.zeros_like  # fp32: the accumulator is the gradient
     for i, side in enumerate(sides):  # the gradients returned to autograd (kept by the caller)
@@ -484,7 +525,6 @@ def _head_backward(sides, t, mask, rows, g, kind, inv_temp, blocks, shared_weigh
         ]
     if shared_weight and len(sides) == 2:  # one tensor on both sides (both need its gradient, or neither)
         sides[1].out[1] = sides[0].out[1]
-    ks = [side.own[0].shape[1] for side in sides]
     launch = functools.partial(_bwd_launch, t=t, mask=mask, rows=rows, g=g, kind=kind, inv_temp=inv_temp, blocks=blocks)
     if not half:  # accumulate straight into the fp32 gradients, all columns in one launch
         for side in sides:

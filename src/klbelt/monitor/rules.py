@@ -444,9 +444,6 @@ class RolloutMismatch(Rule):
     def missing(self):
         return "not checked: the run logs no sampler/trainer mismatch (mismatch_kl, mismatch_k3; sampler = policy?)"
 
-    def min_steps(self):
-        return self.patience
-
     def check(self, history):
         metric = self.metric(history)
         if metric is None or history[-1].get(metric) is None:
