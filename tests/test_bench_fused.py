@@ -91,4 +91,5 @@ def test_fused_torch_times_the_fused_head_with_the_triton_kernels_off():
     assert proc.returncode == 0, proc.stderr[-2000:]
     (row,) = json.loads(proc.stdout)
     assert row["fused_torch_ms"] > 0 and row["fused_ms"] > 0 and row["naive_ms"] is None
+    assert row["triton"] is False and row["triton_failure"] is None  # a CPU tensor outside the interpreter
     assert "fused with the torch kernels" in proc.stderr

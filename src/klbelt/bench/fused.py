@@ -283,6 +283,8 @@ def _child(spec: dict) -> dict:
     out.update(_floors(h.detach(), w.detach(), spec["repeats"], cuda, torch))
     # the backward the Triton head runs here (the reference is frozen: its side needs no gradient)
     out["head_backward_used"] = _triton.head_backward_mode(n, hsize, v, dtype, need_w=backward)
+    # whether "fused" ran the Triton kernels (after the timings: a kernel that failed is given up)
+    out["triton"], out["triton_failure"] = _triton.wanted(h, w), _triton.failure()
     return out
 
 
@@ -380,6 +382,7 @@ def _row(spec: dict, res: dict) -> dict:
         "fused_torch_ms": res.get("fused_torch", none)[0], "fused_torch_extra_peak_mb": res.get("fused_torch", none)[1],
         "repeats": spec["repeats"], "matmul_ms": res["matmul"][0], "read_ms": res["read"][0],
         "head_backward_used": res.get("head_backward_used"),
+        "triton": res.get("triton"), "triton_failure": res.get("triton_failure"),
     })
     matmuls = 1 if spec["pass"] == "forward" else 3
     row["fused_over_matmul"] = None if row["fused_ms"] is None else row["fused_ms"] / (matmuls * row["matmul_ms"])

@@ -329,6 +329,8 @@ def fused_lines(fused: list[dict], device: str = "cuda") -> list[str]:
             f"{'n/a' if ratio is None else _met(ratio <= target, r['dtype'], device)}); extra peak "
             f"{'n/a' if peak is None else format(peak, '.1f')} MB "
             f"(<= 16: {'n/a' if peak is None else _met(peak <= 16, r['dtype'], device)})"
+            + ("" if r.get("triton") is None else f"; triton: {r['triton']}")
+            + (f" (given up: {r['triton_failure']})" if r.get("triton_failure") else "")
             + ("" if r.get("fused_torch_ms") is None else
                f"; torch kernels' head {r['fused_torch_ms']:.3f} ms ({r['fused_ms'] / r['fused_torch_ms']:.2f}x of it)")
             + "".join(f"; {o} {ms:.3f} ms" for o, ms in others.items())
@@ -386,7 +388,7 @@ def main(argv=None) -> int:
     check_correctness(args.device, *logits_shape, head_shapes, report=correct_row)
     if not args.no_bench:
         run_benches(args.device, logits_shape, head_shapes, args.repeats, report=bench_rows)
-    failure = _triton.failure()
+    failure = _triton.failure() or next((r["triton_failure"] for r in doc["fused"] if r.get("triton_failure")), None)
     if failure:  # the rows after it ran the torch kernels
         print(f"Triton kernels given up: {failure}")
     doc.update(triton_failure=failure, complete=True)

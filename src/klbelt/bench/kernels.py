@@ -378,7 +378,8 @@ def _run_timings(args, torch, _kernels):
                             "floor_ms": round(floor * 1e3, 4),
                             "over_floor": round(medians[group["name"]] / floor, 3),
                             "device": args.device,
-                            "triton": triton,
+                            # after the row's timings: a kernel that failed in them was given up
+                            "triton": triton and _triton.failure() is None,
                             "first_call_s": round(first[group["name"]], 3),
                             "rows": args.rows,
                             "vocab": args.vocab,

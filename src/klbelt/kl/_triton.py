@@ -24,12 +24,14 @@ vary from run to run). For the KL it does so for each side that requires a
 gradient: the policy, and the reference when one of its tensors does (one more
 launch, which recomputes both tiles again; a frozen reference costs nothing).
 fp32 inputs accumulate straight into the gradients; bf16/fp16 ones need fp32
-scratch, whose size :func:`backward_scratch_bytes` gives: by default
-(``set_head_backward("one-pass")``) ``[N, H]`` for the hidden states and
-``DW_RANGE_BYTES`` of weight rows at a time (one launch per range of
-vocabulary columns), i.e. ``4 N H`` bytes plus ``DW_RANGE_BYTES``; in the
-``"bounded"`` mode at most ``max(DH_CHUNK_BYTES, DW_RANGE_BYTES)`` (plus
-``4 N`` and ``4 V``) for one more recompute of the logits.
+scratch, whose size :func:`backward_scratch_bytes` gives: in the
+``"one-pass"`` mode ``[N, H]`` for the hidden states and ``DW_RANGE_BYTES`` of
+weight rows at a time (one launch per range of vocabulary columns), i.e.
+``4 N H`` bytes plus ``DW_RANGE_BYTES``; in the ``"bounded"`` mode at most
+``max(DH_CHUNK_BYTES, DW_RANGE_BYTES)`` (plus ``4 N`` and ``4 V``) for one more
+recompute of the logits. The default, ``"auto"``, is one-pass where that fits
+``HEAD_BACKWARD_BUDGET_BYTES`` and bounded elsewhere (:func:`head_backward_mode`).
+:func:`set_triton` turns the kernels off for CUDA tensors (the torch kernels then).
 
 On CPU tensors the same kernel functions run in Triton's interpreter
 (``TRITON_INTERPRET=1``), which is how the test suite checks them.
