@@ -31,7 +31,7 @@ def test_json_rows_have_the_issue_keys_logits_size_and_the_repeats_of_big_cells(
     for row in rows:
         assert KEYS <= row.keys(), KEYS - row.keys()
         assert row["logits_mb"] == 48 * 512 * 4 / 2**20
-        assert row["head_backward"] == "bounded" and row["head_backward_used"] == "one-pass"  # fp32: no scratch
+        assert row["head_backward"] == "bounded" and row["head_backward_used"] is None  # no Triton on a CPU
         assert row["repeats"] == 2  # 2 * 48 * 8 * 512 / 1e9 = 0.0004 GFLOP >= --big-gflop
         assert all(row[k] > 0 for k in ("fused_ms", "unfused_ms", "naive_ms", "matmul_ms", "read_ms"))
         matmuls = 1 if row["pass"] == "forward" else 3  # the floor: one matmul forward, three with the backward
@@ -64,8 +64,7 @@ def test_in_process_gives_the_rows_a_fresh_process_gives_without_memory():
         assert all(row[k] > 0 for k in timed)
         if row["head_backward"] == "bounded":
             assert row["naive_ms"] is None and row["unfused_ms"] is None
-        # the mode asked runs on bf16 (fp32 backward has no scratch to bound: one pass)
-        assert row["head_backward_used"] == (row["head_backward"] if row["dtype"] == "bfloat16" else "one-pass")
+        assert row["triton"] is False and row["head_backward_used"] is None
 
 
 def test_in_process_on_a_cpu_with_memory_is_refused_naming_both_options():
@@ -93,3 +92,21 @@ def test_fused_torch_times_the_fused_head_with_the_triton_kernels_off():
     assert row["fused_torch_ms"] > 0 and row["fused_ms"] > 0 and row["naive_ms"] is None
     assert row["triton"] is False and row["triton_failure"] is None  # a CPU tensor outside the interpreter
     assert "fused with the torch kernels" in proc.stderr
+
+
+def test_rows_say_which_bf16_backward_the_triton_head_ran():
+    # Triton's interpreter on CPU tensors stands in for CUDA; fp32 has no scratch to bound: one pass
+    env = {**__import__("os").environ, "OMP_NUM_THREADS": "1", "TRITON_INTERPRET": "1", "KLBELT_TRITON_CPU": "1"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "klbelt", "bench", "fused", "--rows", "20", "--hidden", "8", "--vocab", "40",
+         "--dtypes", "float32,bfloat16", "--functions", "logprobs", "--passes", "forward+backward",
+         "--impls", "fused", "--repeats", "1", "--in-process", "--no-memory",
+         "--head-backward", "auto,one-pass,bounded", "--json"],
+        capture_output=True, text=True, timeout=300, env=env,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = json.loads(proc.stdout)
+    got = [(r["dtype"], r["head_backward"], r["head_backward_used"]) for r in rows]
+    assert got == [("float32", m, "one-pass") for m in ("auto", "one-pass", "bounded")] + [
+        ("bfloat16", "auto", "one-pass"), ("bfloat16", "one-pass", "one-pass"), ("bfloat16", "bounded", "bounded")]
+    assert all(r["triton"] is True for r in rows)

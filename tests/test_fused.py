@@ -441,3 +441,79 @@ def test_models_that_scale_logits_after_the_head_fall_back_to_logits_with_one_wa
         assert rl.fused_head(model) is None
     lp = rl.response_logprobs(model, roll)
     torch.testing.assert_close(lp.double(), _logits_path(model, roll, 1.0)[0], rtol=1e-6, atol=1e-6)
+
+
+def _bf16_rounding_stats(got, want):
+    """(share of entries equal to ``want`` rounded to bf16, largest error in units of want's bf16 spacing)."""
+    same = (got.double() == want.bfloat16().double()).double().mean().item()
+    spacing = torch.exp2(torch.floor(torch.log2(want.abs().clamp_min(1e-30))) - 7)
+    return same, ((got.double() - want).abs() / spacing).max().item()
+
+
+def _bf16_logits(h, w, b, blocked=None):
+    """The torch path's bf16 logits in float64 (the bf16 matmul rounds its fp32 sums once)."""
+    z = (h.double() @ w.double().T + (0 if b is None else b.double())).bfloat16().double()
+    if blocked is not None:
+        z[:, blocked] = float("-inf")
+    return z
+
+
+def _bf16_case(seed, n=256, h_size=32, vocab=300):
+    g = torch.Generator().manual_seed(seed)
+    h, w, rh = (torch.randn(*shape, generator=g).bfloat16() for shape in ((n, h_size), (vocab, h_size), (n, h_size)))
+    b = torch.randn(vocab, generator=g).bfloat16()
+    t = torch.randint(0, vocab, (n,), generator=g)
+    return h, w, b, rh, t, torch.randn(n, generator=g)
+
+
+def test_bf16_head_weight_and_bias_gradients_over_many_row_blocks_are_rounded_once():
+    """16 row blocks: the fp32 sums over all rows rounded to bf16 once, as the unfused path rounds them.
+
+    The reference: float64 dL/dz from the bf16 logits, rounded to bf16 (as the kernels round it), summed
+    in float64; the gradient must be that rounded to bf16 (all but 1% of entries, none off by more than
+    two bf16 spacings: a dL/dz entry on a boundary may round the other way in the kernel's fp32). The
+    control: adding the blocks' bf16 products one after another, as this path did before, misses it by
+    hundreds of bf16 spacings where the sum cancels.
+    """
+    h, w, b, _, t, g = _bf16_case(31)
+    hg, wg, bg = (x.clone().requires_grad_() for x in (h, w, b))
+    _, gw, gb = torch.autograd.grad(logprobs_from_hidden(hg, wg, t, bias=bg, chunk_size=16), [hg, wg, bg], g)
+    p = torch.softmax(_bf16_logits(h, w, b), -1)
+    gz = (g.double()[:, None] * (torch.nn.functional.one_hot(t, w.shape[0]).double() - p)).bfloat16().double()
+    want_w, want_b = gz.T @ h.double(), gz.sum(0)
+    for got, want in ((gw, want_w), (gb, want_b)):
+        same, worst = _bf16_rounding_stats(got, want)
+        assert got.dtype == torch.bfloat16 and same >= 0.99 and worst <= 2.0, (same, worst)
+    old_w = torch.zeros_like(w)
+    for s in range(0, h.shape[0], 16):
+        old_w.addmm_(gz[s : s + 16].bfloat16().T, h[s : s + 16])
+    same, worst = _bf16_rounding_stats(old_w, want_w)
+    assert same < 0.9 and worst > 10, (same, worst)
+
+
+@pytest.mark.parametrize("direction", ["reverse", "forward"])
+@pytest.mark.parametrize("shared", [True, False])
+def test_bf16_kl_head_weight_gradients_over_many_row_blocks_are_rounded_once(direction, shared):
+    """Both sides' weights (one tensor when ``shared``: the total derivative), blocked tokens, 16 row blocks."""
+    h, w, b, rh, _, g = _bf16_case(32)
+    rw = w if shared else (w.float() + 0.3 * torch.randn(w.shape, generator=torch.Generator().manual_seed(3))).bfloat16()
+    blocked = torch.tensor([0, 7, 299])
+    wg = w.clone().requires_grad_()
+    rwg = wg if shared else rw.clone().requires_grad_()
+    params = [wg] if shared else [wg, rwg]
+    got = torch.autograd.grad(kl_from_hidden(h, wg, rh, rwg, bias=b, ref_bias=b, direction=direction,
+                                             blocked=blocked, chunk_size=16), params, g)
+    zp, zr = _bf16_logits(h, w, b, blocked), _bf16_logits(rh, rw, b, blocked)
+    za, zb = (zp, zr) if direction == "reverse" else (zr, zp)
+    logp, logq = torch.log_softmax(za, -1), torch.log_softmax(zb, -1)
+    p, q = logp.exp(), logq.exp()
+    kl = torch.where(p > 0, p * (logp - logq), 0.0).sum(-1, keepdim=True)
+    ga = (g.double()[:, None] * torch.where(p > 0, p * (logp - logq - kl), 0.0)).bfloat16().double()
+    gb = (g.double()[:, None] * (q - p)).bfloat16().double()
+    gzp, gzr = (ga, gb) if direction == "reverse" else (gb, ga)
+    wants = [gzp.T @ h.double() + gzr.T @ rh.double()] if shared else [gzp.T @ h.double(), gzr.T @ rh.double()]
+    for x, want in zip(got, wants):
+        same, worst = _bf16_rounding_stats(x, want)
+        # (a dL/dz entry on a bf16 boundary may round the other way in the kernel's fp32: 2 spacings)
+        assert same >= 0.99 and worst <= 2.0, (same, worst)
+        assert (x[blocked] == 0).all()

@@ -33,7 +33,8 @@ runs the Triton head's bf16/fp16 backward in two passes
 ``4 N H`` bytes, one more recompute of the logits); ``auto`` (the default, the
 library's) is one-pass where its scratch fits 12 MiB; ``one-pass,bounded`` times
 both, the second on the fused head's forward+backward only; every row says which
-was asked (``head_backward``) and which ran (``head_backward_used``).
+was asked (``head_backward``) and which ran (``head_backward_used``; null where the
+Triton kernels did not run, ``triton`` false).
 
 Each implementation is called once at full size to warm up (compilation,
 thread pools, autotuning), then timed ``--repeats`` times (median reported;
@@ -281,10 +282,10 @@ def _child(spec: dict) -> dict:
             del res
         out[name] = (statistics.median(times), None if peak is None else peak / 2**20)
     out.update(_floors(h.detach(), w.detach(), spec["repeats"], cuda, torch))
-    # the backward the Triton head runs here (the reference is frozen: its side needs no gradient)
-    out["head_backward_used"] = _triton.head_backward_mode(n, hsize, v, dtype, need_w=backward)
-    # whether "fused" ran the Triton kernels (after the timings: a kernel that failed is given up)
+    # whether "fused" ran the Triton kernels (after the timings: a kernel that failed is given up), and
+    # which backward the Triton head ran (the reference is frozen: its side needs no gradient)
     out["triton"], out["triton_failure"] = _triton.wanted(h, w), _triton.failure()
+    out["head_backward_used"] = _triton.head_backward_mode(n, hsize, v, dtype, need_w=backward) if out["triton"] else None
     return out
 
 

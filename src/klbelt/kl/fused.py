@@ -146,10 +146,18 @@ class _FusedHead(torch.autograd.Function):
         # one gradient buffer per input that wants it; a shared weight's two sides add into one
         grad_h = torch.empty_like(h) if need[1] else None
         grad_w = torch.zeros_like(w) if need[2] or (ctx.shared_weight and need[5]) else None
-        grad_b = torch.zeros_like(b) if need[3] else None
         grad_rh = torch.empty_like(rh) if need[4] else None
         grad_rw = grad_w if ctx.shared_weight else (torch.zeros_like(rw) if need[5] else None)
-        grad_rb = torch.zeros_like(rb) if need[6] else None
+        # biases: summed over the row blocks in the accumulation dtype, rounded once at the end
+        grad_b = torch.zeros_like(b, dtype=_kernels.acc_dtype(b.dtype)) if need[3] else None
+        grad_rb = torch.zeros_like(rb, dtype=_kernels.acc_dtype(rb.dtype)) if need[6] else None
+        # bf16/fp16 weights over several row blocks: their gradient would be rounded once per block, so it
+        # is formed after the loop by ranges of columns, each over all rows in one matmul (one rounding)
+        by_columns = n > ctx.step and w.dtype in (torch.bfloat16, torch.float16) and (
+            grad_w is not None or grad_rw is not None)
+        weights = (grad_w, grad_rw)
+        if by_columns:
+            grad_w = grad_rw = None
         g = g.to(outs[0].dtype)
         buf = h.new_empty(min(ctx.step, n), w.shape[0])
         ref_buf = None if rh is None else rh.new_empty(min(ctx.step, n), w.shape[0])
@@ -175,9 +183,80 @@ class _FusedHead(torch.autograd.Function):
             _add_head_grads(gz, h[s:e], w, blocked, grad_h, grad_w, grad_b, s, e)
             _add_head_grads(gzr, None if rh is None else rh[s:e], rw, blocked, grad_rh, grad_rw, grad_rb, s, e)
             del gz, gzr  # before the next block's logits: the block budget (BLOCK_BUFFERS) holds
+        del buf, ref_buf
+        if by_columns:
+            grad_w, grad_rw = weights
+            _weight_grads_by_columns(ctx, h, w, b, rh, rw, rb, t, blocked, outs, g, grad_w, grad_rw)
         if ctx.shared_weight:
             grad_rw = None  # already inside grad_w
+        grad_b = None if grad_b is None else grad_b.to(b.dtype)
+        grad_rb = None if grad_rb is None else grad_rb.to(rb.dtype)
         return (None, grad_h, grad_w, grad_b, grad_rh, grad_rw, grad_rb) + (None,) * 7
+
+
+def _weight_grads_by_columns(ctx, h, w, b, rh, rw, rb, t, blocked, outs, g, grad_w, grad_rw):
+    """dL/dW (policy ``grad_w``, reference ``grad_rw``; one buffer for a shared weight) by ranges of vocabulary
+    columns, each over all rows: the range's logits recomputed from the saved row numbers (a row block's
+    worth of elements at a time), its ``dL/dz`` as in the row loop, then one matmul per weight and range,
+    accumulated in fp32 and rounded once, as the unfused path and the Triton kernel round it."""
+    n, vocab = h.shape[0], w.shape[0]
+    cols = max(1, min(vocab, ctx.step * vocab // max(n, 1)))
+    pol, ref = grad_w is not None, grad_rw is not None and not ctx.shared_weight
+    both = ctx.shared_weight and grad_w is not None and ctx.needs_input_grad[5] and ctx.needs_input_grad[2]
+    stacked = torch.cat([h, rh]) if both else None  # a shared weight: both sides' rows in one matmul
+    zbuf = h.new_empty(n * cols)
+    zrbuf = rh.new_empty(n * cols) if ctx.kind == "kl" else None
+    for v0 in range(0, vocab, cols):
+        v1 = min(v0 + cols, vocab)
+        local = None
+        if blocked is not None:
+            local = blocked[(blocked >= v0) & (blocked < v1)] - v0
+        bias = None if b is None else b[v0:v1]
+        z = _block_logits(h, w[v0:v1], bias, local, zbuf[: n * (v1 - v0)].view(n, v1 - v0))
+        if ctx.kind == "logprob":
+            out, c, log_s = outs
+            gz = _logprob_grad_columns(z, t, c, log_s, g, ctx.inv_temp, v0)
+            gzr = None
+        else:
+            kl, c_a, log_s_a, c_b, log_s_b = outs
+            rbias = None if rb is None else rb[v0:v1]
+            zr = _block_logits(rh, rw[v0:v1], rbias, local, zrbuf[: n * (v1 - v0)].view(n, v1 - v0))
+            a, bb = (z, zr) if ctx.policy_first else (zr, z)
+            want_pol = pol or (ctx.shared_weight and ctx.needs_input_grad[2])
+            want_ref = ref or (ctx.shared_weight and ctx.needs_input_grad[5])
+            need_a, need_b = (want_pol, want_ref) if ctx.policy_first else (want_ref, want_pol)
+            ga, gb = _kernels.run("kl_bwd", n * z.shape[-1], a, bb, c_a, log_s_a, c_b, log_s_b, kl, g, ctx.inv_temp,
+                                  need_a, need_b)
+            gz, gzr = (ga, gb) if ctx.policy_first else (gb, ga)
+            del zr, a, bb, ga, gb
+        del z
+        for x in (gz, gzr):
+            if x is not None and local is not None:  # d z / d w is 0 where z was overwritten by -inf
+                x.index_fill_(-1, local, 0.0)
+        if both:
+            torch.mm(torch.cat([gz, gzr]).to(h.dtype).t(), stacked, out=grad_w[v0:v1])
+        else:
+            if gz is not None and pol:
+                torch.mm(gz.to(h.dtype).t(), h, out=grad_w[v0:v1])
+            if gzr is not None and ref:
+                torch.mm(gzr.to(rh.dtype).t(), rh, out=grad_rw[v0:v1])
+        del gz, gzr
+
+
+def _logprob_grad_columns(z, t, c, log_s, g, inv_temp: float, v0: int) -> torch.Tensor:
+    """``dL/dz`` of ``sum_i g_i log p_i(t_i)`` for the logits' columns ``v0 : v0 + C`` (``z`` ``[N, C]``).
+
+    The row kernel's ``logprob_bwd`` on the range; where a row's token lies outside it, that kernel's
+    chosen-token entry (put on column 0) is replaced by the plain ``-g s p`` it would have been.
+    """
+    n, width = z.shape
+    inside = (t >= v0) & (t < v0 + width)
+    gz = _kernels.run("logprob_bwd", n * width, z, torch.where(inside, t - v0, 0), c, log_s, g, inv_temp)
+    out = ~inside
+    if out.any():
+        p0 = torch.exp((_kernels._scaled(z[out, 0], inv_temp) - c[out]) - log_s[out])
+        gz[out, 0] = (-(g[out] * inv_temp) * p0).to(gz.dtype)
+    return gz
 
 
 def _add_head_grads(gz, h, w, blocked, grad_h, grad_w, grad_b, s, e):
@@ -195,7 +274,7 @@ def _add_head_grads(gz, h, w, blocked, grad_h, grad_w, grad_b, s, e):
     if grad_w is not None:
         grad_w.addmm_(gz.t(), h)
     if grad_b is not None:
-        grad_b.add_(gz.sum(dim=0))
+        grad_b.add_(gz.sum(dim=0, dtype=grad_b.dtype))
 
 
 def _check_head(prefix: str, hidden, weight, bias):
