@@ -574,3 +574,23 @@ def test_klbelt_triton_0_in_the_environment_starts_a_process_with_the_triton_ker
     outs = [subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
                            env={**env, "KLBELT_TRITON": flag}).stdout.strip() for flag in ("1", "0")]
     assert outs == ["True", "False"]
+
+
+@pytest.mark.parametrize("mode", ["one-pass", "bounded"])
+def test_with_a_frozen_head_weight_both_bf16_backwards_recompute_the_logits_once(interpreter, mode, monkeypatch):
+    """LoRA's case: only dL/dhidden. Every launch covers all columns of its rows, each row once: one recompute."""
+    monkeypatch.setattr(_triton, "_head_blocks", _blocks_with(2))
+    monkeypatch.setattr(_triton, "_dh_rows", lambda n, k, blocks: 16)
+    monkeypatch.setattr(_triton, "_head_backward_mode", mode)
+    launches = []
+    real = _triton._bwd_launch
+    monkeypatch.setattr(_triton, "_bwd_launch", lambda side, *a, **k: launches.append(a[:4]) or real(side, *a, **k))
+    h, w, b = (x.bfloat16() for x in _head(22))
+    t = torch.arange(HN) * 3 % HV
+    g = torch.linspace(-1.0, 2.0, HN)
+    hg = h.clone().requires_grad_()
+    (gh,) = torch.autograd.grad(logprobs_from_hidden(hg, w, t, bias=b), [hg], g)
+    want_h, _ = _bf16_head_grads_reference(h, w, b, t, g.double())
+    torch.testing.assert_close(gh.double(), want_h, rtol=2**-8, atol=1e-3 * want_h.abs().max().item())
+    rows = [(0, 16), (16, 32), (32, HN)] if mode == "bounded" else [(0, HN)]
+    assert launches == [(r0, r1, 0, HV) for r0, r1 in rows]

@@ -403,7 +403,8 @@ class _Side:
 # dL/dW) is complete, every row of dL/dW (resp. dL/dh) has been added to and none is complete, so
 # min(N, V) rows of H fp32 partial sums are alive: 4 min(N, V) H bytes, 28-256 MiB at the issue's four
 # shapes (N < V there), against a 16 MB target. Matmuls of the head, forward + backward, log-prob (KL
-# with a frozen reference): one-pass 4 (6), bounded 5 (8); three matmuls is the unfused floor.
+# with a frozen reference): one-pass 4 (6), bounded 5 (8); three matmuls is the unfused floor. With the
+# head's weight frozen (LoRA) both modes do 3 (5): bounded's second pass is only for the weight and bias.
 DW_RANGE_BYTES = 8 << 20  # the fp32 accumulator of the weight gradient (bf16/fp16 weights), per launch
 DH_CHUNK_BYTES = 8 << 20  # "bounded": the fp32 accumulator of the hidden states' gradient, per row chunk
 # "auto": one-pass where its scratch stays within this, else bounded: the call's whole extra peak (this,
@@ -418,7 +419,8 @@ def set_head_backward(mode: str) -> str:
 
     ``"one-pass"``: one recompute of the logits, fp32 scratch ``4 N H`` bytes for ``dL/dhidden``
     plus ``DW_RANGE_BYTES``. ``"bounded"``: two recomputes (one more matmul of the head, two for
-    the KL), fp32 scratch at most ``max(DH_CHUNK_BYTES, DW_RANGE_BYTES)``. ``"auto"`` (default):
+    the KL) where the weight (or bias) needs its gradient, one where it is frozen (LoRA: then it
+    costs nothing over one-pass), fp32 scratch at most ``max(DH_CHUNK_BYTES, DW_RANGE_BYTES)``. ``"auto"`` (default):
     one-pass where its scratch fits ``HEAD_BACKWARD_BUDGET_BYTES`` (12 MiB), bounded elsewhere, so
     the extra memory stays within 16 MB at every size; ask for one-pass to trade ``4 N H`` bytes
     for a matmul. All are exact (fp32 accumulation, no filtering). :func:`backward_scratch_bytes`
