@@ -215,7 +215,7 @@ def _weight_grads_by_columns(ctx, h, w, b, rh, rw, rb, t, blocked, outs, g, grad
         z = _block_logits(h, w[v0:v1], bias, local, zbuf[: n * (v1 - v0)].view(n, v1 - v0))
         if ctx.kind == "logprob":
             out, c, log_s = outs
-            gz = _logprob_grad_columns(z, t, c, log_s, g, ctx.inv_temp, v0)
+            gz = _logprob_grad_columns(z, t, c, log_s, g, ctx.inv_temp, v0, n * vocab)
             gzr = None
         else:
             kl, c_a, log_s_a, c_b, log_s_b = outs
@@ -225,8 +225,8 @@ def _weight_grads_by_columns(ctx, h, w, b, rh, rw, rb, t, blocked, outs, g, grad
             want_pol = pol or (ctx.shared_weight and ctx.needs_input_grad[2])
             want_ref = ref or (ctx.shared_weight and ctx.needs_input_grad[5])
             need_a, need_b = (want_pol, want_ref) if ctx.policy_first else (want_ref, want_pol)
-            ga, gb = _kernels.run("kl_bwd", n * z.shape[-1], a, bb, c_a, log_s_a, c_b, log_s_b, kl, g, ctx.inv_temp,
-                                  need_a, need_b)
+            ga, gb = _kernels.run("kl_bwd", n * vocab, a, bb, c_a, log_s_a, c_b, log_s_b, kl, g, ctx.inv_temp,
+                                  need_a, need_b)  # (compiled or not as the row loop: the whole problem's size)
             gz, gzr = (ga, gb) if ctx.policy_first else (gb, ga)
             del zr, a, bb, ga, gb
         del z
@@ -243,15 +243,16 @@ def _weight_grads_by_columns(ctx, h, w, b, rh, rw, rb, t, blocked, outs, g, grad
         del gz, gzr
 
 
-def _logprob_grad_columns(z, t, c, log_s, g, inv_temp: float, v0: int) -> torch.Tensor:
+def _logprob_grad_columns(z, t, c, log_s, g, inv_temp: float, v0: int, total_numel: int) -> torch.Tensor:
     """``dL/dz`` of ``sum_i g_i log p_i(t_i)`` for the logits' columns ``v0 : v0 + C`` (``z`` ``[N, C]``).
 
-    The row kernel's ``logprob_bwd`` on the range; where a row's token lies outside it, that kernel's
-    chosen-token entry (put on column 0) is replaced by the plain ``-g s p`` it would have been.
+    The row kernel's ``logprob_bwd`` on the range (compiled or not by ``total_numel``, as the row loop);
+    where a row's token lies outside it, that kernel's chosen-token entry (put on column 0) is replaced
+    by the plain ``-g s p`` it would have been.
     """
-    n, width = z.shape
+    width = z.shape[1]
     inside = (t >= v0) & (t < v0 + width)
-    gz = _kernels.run("logprob_bwd", n * width, z, torch.where(inside, t - v0, 0), c, log_s, g, inv_temp)
+    gz = _kernels.run("logprob_bwd", total_numel, z, torch.where(inside, t - v0, 0), c, log_s, g, inv_temp)
     out = ~inside
     if out.any():
         p0 = torch.exp((_kernels._scaled(z[out, 0], inv_temp) - c[out]) - log_s[out])
