@@ -286,16 +286,24 @@ def _bf16_head_grads_reference(h, w, b, t, g):
     return gz @ w.double(), gz.T @ h.double()
 
 
-@pytest.mark.parametrize("mode", ["one-pass", "bounded"])
-def test_triton_bf16_head_backward_accumulates_in_fp32_over_several_row_chunks_and_column_ranges(interpreter, mode, monkeypatch):
-    """37 rows in chunks of 16 (bounded: 3 launches for dL/dh), 70 columns in ranges of 32 (3 launches for dL/dW)."""
+def _record_launches(monkeypatch, mode=None, range_cols=32, dh_rows=16):
+    """Small chunks (tiles of 2 blocks, ``range_cols`` columns, ``dh_rows`` rows) and the backward's launches
+    recorded as (r0, r1, v0, v1); ``mode``: the bf16 backward to run (None: as set)."""
     monkeypatch.setattr(_triton, "_head_blocks", _blocks_with(2))
-    monkeypatch.setattr(_triton, "_range_cols", lambda v, k, blocks: 32)
-    monkeypatch.setattr(_triton, "_dh_rows", lambda n, k, blocks: 16)
-    monkeypatch.setattr(_triton, "_head_backward_mode", mode)
+    monkeypatch.setattr(_triton, "_range_cols", lambda v, k, blocks: range_cols)
+    monkeypatch.setattr(_triton, "_dh_rows", lambda n, k, blocks: dh_rows)
+    if mode is not None:
+        monkeypatch.setattr(_triton, "_head_backward_mode", mode)
     launches = []
     real = _triton._bwd_launch
     monkeypatch.setattr(_triton, "_bwd_launch", lambda side, *a, **k: launches.append(a[:4]) or real(side, *a, **k))
+    return launches
+
+
+@pytest.mark.parametrize("mode", ["one-pass", "bounded"])
+def test_triton_bf16_head_backward_accumulates_in_fp32_over_several_row_chunks_and_column_ranges(interpreter, mode, monkeypatch):
+    """37 rows in chunks of 16 (bounded: 3 launches for dL/dh), 70 columns in ranges of 32 (3 launches for dL/dW)."""
+    launches = _record_launches(monkeypatch, mode)
     h, w, b = (x.bfloat16() for x in _head(17))
     h, w = h * 4, w * 4  # sharper softmax: larger, more varied dL/dz
     t = torch.arange(HN) * 7 % HV
@@ -528,14 +536,9 @@ def test_auto_head_backward_takes_one_pass_where_its_scratch_fits_the_budget_and
 
 @pytest.mark.parametrize("budget", [0, 1 << 30])
 def test_auto_head_backward_runs_the_mode_it_names(interpreter, budget, monkeypatch):
-    monkeypatch.setattr(_triton, "_head_blocks", _blocks_with(2))
-    monkeypatch.setattr(_triton, "_range_cols", lambda v, k, blocks: 32)
-    monkeypatch.setattr(_triton, "_dh_rows", lambda n, k, blocks: 16)
+    launches = _record_launches(monkeypatch)
     monkeypatch.setattr(_triton, "HEAD_BACKWARD_BUDGET_BYTES", budget)
     assert _triton.set_head_backward("auto") == "auto"  # the default
-    launches = []
-    real = _triton._bwd_launch
-    monkeypatch.setattr(_triton, "_bwd_launch", lambda side, *a, **k: launches.append(a[:4]) or real(side, *a, **k))
     h, w, b = (x.bfloat16() for x in _head(17))
     t = torch.arange(HN) * 7 % HV
     hg, wg = h.clone().requires_grad_(), w.clone().requires_grad_()
@@ -579,12 +582,7 @@ def test_klbelt_triton_0_in_the_environment_starts_a_process_with_the_triton_ker
 @pytest.mark.parametrize("mode", ["one-pass", "bounded"])
 def test_with_a_frozen_head_weight_both_bf16_backwards_recompute_the_logits_once(interpreter, mode, monkeypatch):
     """LoRA's case: only dL/dhidden. Every launch covers all columns of its rows, each row once: one recompute."""
-    monkeypatch.setattr(_triton, "_head_blocks", _blocks_with(2))
-    monkeypatch.setattr(_triton, "_dh_rows", lambda n, k, blocks: 16)
-    monkeypatch.setattr(_triton, "_head_backward_mode", mode)
-    launches = []
-    real = _triton._bwd_launch
-    monkeypatch.setattr(_triton, "_bwd_launch", lambda side, *a, **k: launches.append(a[:4]) or real(side, *a, **k))
+    launches = _record_launches(monkeypatch, mode)
     h, w, b = (x.bfloat16() for x in _head(22))
     t = torch.arange(HN) * 3 % HV
     g = torch.linspace(-1.0, 2.0, HN)

@@ -175,9 +175,10 @@ def _unavailable(package: str, exc: Exception):
 IMPLS = ("naive", "unfused", "fused", "fused_torch")
 
 
-def _torch_path(fn):
-    """``fn`` with klbelt's Triton kernels off: the torch kernels' fused head (the autograd function is
-    chosen in the forward, so its backward follows)."""
+def without_triton(fn):
+    """``fn`` with klbelt's Triton kernels off (``set_triton(False)``): the torch kernels they fall back
+    to. The autograd function is chosen in the forward, so its backward follows. (``bench kernels``'
+    ``klbelt, torch kernels`` baseline too.)"""
     from klbelt.kl import set_triton
 
     def call(*args):
@@ -198,7 +199,7 @@ def _impls(function: str, torch, with_liger: bool, with_cce: bool = False):
             "unfused": lambda h, w, t, rh, rw: logprobs_from_logits(h @ w.T, t),
             "fused": lambda h, w, t, rh, rw: logprobs_from_hidden(h, w, t),
         }
-        impls["fused_torch"] = _torch_path(impls["fused"])
+        impls["fused_torch"] = without_triton(impls["fused"])
         for name, head in other_heads(with_liger, with_cce).items():
             impls[name] = lambda h, w, t, rh, rw, head=head: head(h, w, t)
         return impls
@@ -213,7 +214,7 @@ def _impls(function: str, torch, with_liger: bool, with_cce: bool = False):
         "unfused": lambda h, w, t, rh, rw: kl_from_logits(h @ w.T, rh @ rw.T),
         "fused": lambda h, w, t, rh, rw: kl_from_hidden(h, w, rh, rw),
     }
-    impls["fused_torch"] = _torch_path(impls["fused"])
+    impls["fused_torch"] = without_triton(impls["fused"])
     return impls
 
 

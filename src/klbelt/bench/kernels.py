@@ -112,16 +112,9 @@ def groups(torch_path: bool = False) -> list[dict]:
     import torch
     import torch.nn.functional as F
 
-    from klbelt.kl import kl_from_logits, logprobs_from_logits, set_triton
+    from klbelt.kl import kl_from_logits, logprobs_from_logits
 
-    def without_triton(fn):
-        def call(x, y, t):
-            old = set_triton(False)
-            try:
-                return fn(x, y, t)
-            finally:
-                set_triton(old)
-        return call
+    from .fused import without_triton
 
     def naive_logprobs(x, y, t):
         return torch.log_softmax(x.float(), dim=-1).gather(-1, t.unsqueeze(-1)).squeeze(-1)

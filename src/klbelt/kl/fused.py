@@ -214,7 +214,7 @@ def _weight_grads_by_columns(ctx, h, w, b, rh, rw, rb, t, blocked, outs, g, grad
         bias = None if b is None else b[v0:v1]
         z = _block_logits(h, w[v0:v1], bias, local, zbuf[: n * (v1 - v0)].view(n, v1 - v0))
         if ctx.kind == "logprob":
-            out, c, log_s = outs
+            _, c, log_s = outs
             gz = _logprob_grad_columns(z, t, c, log_s, g, ctx.inv_temp, v0, n * vocab)
             gzr = None
         else:
